@@ -1,0 +1,161 @@
+"""Window-level dense inference: base attention + RCS + SFR on a batch of crops."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .methods import BaseAttention
+from .rcs import RCSConfig, rcs_mix
+from .sfr import SFRConfig, patch_mode, pixel_labels, refinement_scores, sfr_mix
+from .vit import (
+    encode_trunk,
+    last_block_output,
+    last_block_qkv,
+    num_blocks,
+    patch_size,
+    project_tokens,
+)
+
+
+def patch_logits(tokens: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Cosine similarity of every patch token with every query embedding.
+
+    Args:
+        tokens: ``(B, T, D)`` projected tokens, CLS first.
+        text: ``(Q, D)`` L2-normalised query embeddings.
+        grid: ``(h, w)`` with ``h * w = T - 1``.
+
+    Returns:
+        ``(B, Q, h, w)`` float32 logits.
+    """
+    feats = F.normalize(tokens[:, 1:].float(), dim=-1)
+    logits = feats @ text.float().t()
+    b = tokens.shape[0]
+    return logits.transpose(1, 2).reshape(b, text.shape[0], *grid)
+
+
+class DenseEngine:
+    """Runs a CLIP visual tower densely with a base attention and optional RCS / SFR.
+
+    Args:
+        visual: an open_clip (or OpenAI-layout) ViT visual tower.
+        method: the last block's base attention.
+        rcs: RCS settings, or None to disable RCS.
+        sfr: SFR settings, or None to disable SFR.
+        trunk_attention: ``"explicit"`` (bit-level parity with the released code) or ``"fused"``
+            (scaled_dot_product_attention in blocks whose attention map RCS does not need).
+    """
+
+    def __init__(
+        self,
+        visual: torch.nn.Module,
+        method: BaseAttention,
+        rcs: RCSConfig | None = None,
+        sfr: SFRConfig | None = None,
+        trunk_attention: str = "explicit",
+    ) -> None:
+        if trunk_attention not in ("explicit", "fused"):
+            raise ValueError(f"trunk_attention must be 'explicit' or 'fused', got {trunk_attention!r}")
+        if sfr is not None and not method.score_terms(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)):
+            raise ValueError(
+                f"SFR edits attention scores, but method {method.name!r} has none (identity attention); "
+                "use sfr=False with it"
+            )
+        self.visual = visual
+        self.method = method
+        self.rcs = rcs
+        self.sfr = sfr
+        self.rcs_layers = rcs.zero_based(num_blocks(visual)) if rcs is not None else ()
+        self.patch = patch_size(visual)
+        self.explicit = trunk_attention == "explicit"
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        grid: tuple[int, int],
+        rcs_attn: torch.Tensor | None,
+        refine: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Last-block attention ``(B, H, T, T)`` float32.
+
+        Args:
+            q, k: ``(B, H, T, d)``.
+            rcs_attn: ``(B, H, T, T)`` averaged intermediate attention (RCS), or None.
+            refine: ``(B, 1, T, T)`` SFR scores, or None.
+        """
+        terms = self.method.score_terms(q, k)
+        bias = self.method.score_bias(grid[0], grid[1], q.device)
+        if not terms:
+            b, h, t, _ = q.shape
+            attn = torch.eye(t, device=q.device).expand(b, h, t, t)
+        else:
+            attn = torch.zeros((), device=q.device)
+            for scores in terms:
+                attn = attn + torch.softmax(self._mixed_scores(scores, bias, refine), dim=-1)
+        if rcs_attn is not None and self.rcs is not None:
+            attn = rcs_mix(attn, rcs_attn, self.rcs)
+        return attn
+
+    def _mixed_scores(
+        self, scores: torch.Tensor, bias: torch.Tensor | None, refine: torch.Tensor | None
+    ) -> torch.Tensor:
+        if refine is None or self.sfr is None:
+            return scores if bias is None else scores + bias
+        if bias is not None and not self.sfr.bias_after_mix:
+            scores = scores + bias
+        mixed = sfr_mix(scores, refine, self.sfr)
+        if bias is not None and self.sfr.bias_after_mix:
+            mixed = mixed + bias
+        return mixed
+
+    @torch.inference_mode()
+    def window_logits(
+        self,
+        crops: torch.Tensor,
+        text: torch.Tensor,
+        query_to_class: torch.Tensor,
+        aux: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Patch logits of a batch of equally sized windows.
+
+        Args:
+            crops: ``(B, 3, Hc, Wc)`` normalised window images.
+            text: ``(Q, D)`` query embeddings.
+            query_to_class: ``(Q,)`` int64 class of each query (for class-level SFR labels).
+            aux: optional dict that receives intermediates (``tokens``, ``pre_last_block_x``,
+                ``rcs_attn``, ``sfr_first_pass_patch_logits``, ``sfr_pixel_labels``,
+                ``sfr_label_map``, ``sfr_valid_path``, ``sfr_matrix_prenorm``, ``first_pass_attn``,
+                ``final_attn``).
+
+        Returns:
+            ``(B, Q, h, w)`` float32 cosine logits.
+        """
+        trunk = encode_trunk(self.visual, crops, self.rcs_layers, self.explicit)
+        block = self.visual.transformer.resblocks[-1]
+        keep = self.method.keep_residual
+        q, k, v = last_block_qkv(block, trunk.x)
+        refine = None
+        if self.sfr is not None:
+            first_attn = self.attention(q, k, trunk.grid, trunk.rcs_attn, None)
+            first_tokens = project_tokens(self.visual, last_block_output(block, trunk.x, first_attn, v, keep))
+            first_logits = patch_logits(first_tokens, text, trunk.grid)
+            labels = pixel_labels(first_logits, crops, self.sfr, query_to_class)
+            num_labels = text.shape[0] if self.sfr.label_level == "query" else int(query_to_class.max()) + 1
+            label_map = patch_mode(labels, self.patch, num_labels)
+            refine = refinement_scores(label_map, self.sfr, aux)[:, None]
+            if aux is not None:
+                aux.update(
+                    sfr_first_pass_patch_logits=first_logits,
+                    sfr_pixel_labels=labels,
+                    sfr_label_map=label_map,
+                    first_pass_attn=first_attn,
+                )
+        attn = self.attention(q, k, trunk.grid, trunk.rcs_attn, refine)
+        tokens = project_tokens(self.visual, last_block_output(block, trunk.x, attn, v, keep))
+        if aux is not None:
+            aux.update(tokens=tokens, pre_last_block_x=trunk.x, rcs_attn=trunk.rcs_attn, final_attn=attn)
+        return patch_logits(tokens, text, trunk.grid)

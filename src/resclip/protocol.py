@@ -1,0 +1,97 @@
+"""Inference protocol: resizing, windows, and turning logits into masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sfr import class_max
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How an image becomes a mask (everything outside the network).
+
+    Attributes:
+        short_side: resize so the short side is this (benchmarks: 336; Cityscapes 560).
+        long_side: cap of the long side after resizing.
+        slide_crop: sliding-window size in pixels; 0 = whole image in one pass.
+        slide_stride: sliding-window stride.
+        logit_scale: temperature of the softmax over queries.
+        prob_thd: pixels whose top class probability is below it become class 0 (background).
+        area_thd: SCLIP's small-region filter: non-background classes whose predicted area is at
+            most this share of the non-background area are removed; None = off.
+        pamr_steps: PAMR iterations on the final logits (0 = off; NACLIP's own protocol: 10).
+        pamr_dilations: PAMR neighbour distances.
+    """
+
+    short_side: int = 336
+    long_side: int = 2048
+    slide_crop: int = 224
+    slide_stride: int = 112
+    logit_scale: float = 40.0
+    prob_thd: float = 0.0
+    area_thd: float | None = None
+    pamr_steps: int = 0
+    pamr_dilations: tuple[int, ...] = (8, 16)
+
+    def __post_init__(self) -> None:
+        if self.short_side < 1 or self.long_side < 1:
+            raise ValueError(f"short_side and long_side must be >= 1, got {self.short_side}, {self.long_side}")
+        if self.slide_crop < 0:
+            raise ValueError(f"slide_crop must be >= 0 (0 = whole image), got {self.slide_crop}")
+        if self.slide_crop > 0 and not 0 < self.slide_stride:
+            raise ValueError(f"slide_stride must be > 0, got {self.slide_stride}")
+        if not self.logit_scale > 0:
+            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if not 0.0 <= self.prob_thd <= 1.0:
+            raise ValueError(f"prob_thd must be in [0, 1], got {self.prob_thd}")
+        if self.area_thd is not None and not 0.0 <= self.area_thd <= 1.0:
+            raise ValueError(f"area_thd must be None or in [0, 1], got {self.area_thd}")
+        if self.pamr_steps < 0:
+            raise ValueError(f"pamr_steps must be >= 0, got {self.pamr_steps}")
+
+
+def class_probabilities(logits: torch.Tensor, query_to_class: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Softmax over queries, then the max over each class's synonyms.
+
+    Args:
+        logits: ``(Q, ...)`` cosine logits.
+        query_to_class: ``(Q,)`` int64.
+
+    Returns:
+        ``(C, ...)`` class probabilities (not renormalised).
+    """
+    probs = torch.softmax(logit_scale * logits.float(), dim=0)
+    return class_max(probs[None], query_to_class)[0]
+
+
+def predict_mask(class_probs: torch.Tensor, prob_thd: float, area_thd: float | None = None) -> tuple[
+    torch.Tensor, torch.Tensor
+]:
+    """Argmax over classes with the background threshold (and SCLIP's area filter).
+
+    Args:
+        class_probs: ``(C, H, W)`` class probabilities.
+        prob_thd: pixels whose top probability is below it get class 0.
+        area_thd: see :class:`Protocol`.
+
+    Returns:
+        ``(H, W)`` int64 mask and the ``(C, H, W)`` probabilities after the area filter.
+    """
+    if area_thd is not None:
+        num_classes = class_probs.shape[0]
+        first = class_probs.argmax(dim=0)
+        area = torch.bincount(first.flatten(), minlength=num_classes)[1:].float()
+        keep = (area > area_thd * area.sum()).to(class_probs.dtype)
+        class_probs = class_probs.clone()
+        class_probs[1:] *= keep.view(-1, 1, 1)
+    top, mask = class_probs.max(dim=0)
+    mask = mask.masked_fill(top < prob_thd, 0)
+    return mask, class_probs
+
+
+def renormalise(class_probs: torch.Tensor) -> torch.Tensor:
+    """Divide class probabilities by their sum over classes (dim 0)."""
+    return class_probs / class_probs.sum(dim=0, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,199 @@
+"""The public segmenter: image + words -> mask."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .engine import DenseEngine
+from .pamr import pamr
+from .preprocess import ImageInput, load_image, normalise, resize_image, window_coords
+from .protocol import Protocol, class_probabilities, predict_mask, renormalise
+from .rcs import RCSConfig
+from .sfr import SFRConfig
+from .text import ClassSpec, EmbeddingCache, check_embeddings, parse_classes, query_embeddings
+
+
+@dataclass
+class SegResult:
+    """Segmentation of one image.
+
+    Attributes:
+        mask: ``(H, W)`` int64 class indices at the original image size.
+        probs: ``(C, H, W)`` float32 class probabilities (max over synonyms, renormalised to
+            sum to 1 over classes).
+        class_names: the ``C`` class names (first synonym of each class line).
+        logits: ``(Q, h1, w1)`` float32 query logits at the resized resolution (window average).
+    """
+
+    mask: np.ndarray
+    probs: np.ndarray
+    class_names: list[str]
+    logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Everything that decides a segmenter's output, for results files and reproducibility."""
+
+    method: str
+    rcs: RCSConfig | None
+    sfr: SFRConfig | None
+    protocol: Protocol
+    preset: str
+    fidelity: str
+    model: str
+    pretrained: str | None
+    precision: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view."""
+        return dataclasses.asdict(self)
+
+
+class Segmenter:
+    """Segments images with a CLIP model and a training-free dense method.
+
+    Use :func:`resclip.create_segmenter` to build one.
+    """
+
+    def __init__(
+        self,
+        engine: DenseEngine,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: SegmenterConfig,
+        device: torch.device,
+        window_batch: int = 8,
+        text_cache: EmbeddingCache | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        if window_batch < 1:
+            raise ValueError(f"window_batch must be >= 1, got {window_batch}")
+        self.engine = engine
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.protocol = config.protocol
+        self.device = device
+        self.window_batch = window_batch
+        self.text_cache = text_cache
+        self.fingerprint = fingerprint
+
+    # ------------------------------------------------------------------ text
+    @property
+    def embed_dim(self) -> int:
+        return int(self.engine.visual.proj.shape[1])
+
+    def encode_classes(
+        self, classes: Sequence[str] | str, embeddings: torch.Tensor | np.ndarray | None = None
+    ) -> tuple[ClassSpec, torch.Tensor]:
+        """Parse class lines and get one embedding per query.
+
+        Args:
+            classes: class lines, synonyms separated by ``", "``; or one string with classes
+                separated by ``";"`` or newlines.
+            embeddings: optional precomputed ``(Q, D)`` query embeddings, in synonym order.
+
+        Returns:
+            The parsed :class:`ClassSpec` and ``(Q, D)`` float32 embeddings on the device.
+        """
+        spec = parse_classes(classes)
+        if embeddings is not None:
+            emb = check_embeddings(embeddings, spec, self.embed_dim)
+        else:
+            emb = query_embeddings(
+                self.model, self.tokenizer, spec, fingerprint=self.fingerprint, cache=self.text_cache
+            )
+        return spec, emb.to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------ image
+    def resized_input(self, rgb: np.ndarray) -> torch.Tensor:
+        """``(H, W, 3)`` uint8 -> ``(1, 3, h1, w1)`` normalised float32 on the device."""
+        resized = resize_image(rgb, self.protocol.short_side, self.protocol.long_side)
+        return normalise(resized).to(self.device)
+
+    def image_logits(self, x: torch.Tensor, text: torch.Tensor, query_to_class: torch.Tensor) -> torch.Tensor:
+        """Window-averaged query logits at the resized resolution.
+
+        Args:
+            x: ``(1, 3, h1, w1)`` normalised image.
+            text: ``(Q, D)`` query embeddings.
+            query_to_class: ``(Q,)`` int64.
+
+        Returns:
+            ``(Q, h1, w1)`` float32.
+        """
+        _, _, h1, w1 = x.shape
+        p = self.protocol
+        boxes = window_coords(h1, w1, p.slide_crop, p.slide_stride)
+        acc = torch.zeros(text.shape[0], h1, w1, device=x.device)
+        count = torch.zeros(1, h1, w1, device=x.device)
+        for start in range(0, len(boxes), self.window_batch):
+            chunk = boxes[start : start + self.window_batch]
+            crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, x1, y2, x2 in chunk])
+            logits = self.engine.window_logits(crops, text, query_to_class)
+            up = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+            for (y1, x1, y2, x2), win in zip(chunk, up):
+                acc[:, y1:y2, x1:x2] += win
+                count[:, y1:y2, x1:x2] += 1
+        return acc / count
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        image: ImageInput,
+        classes: Sequence[str] | str,
+        embeddings: torch.Tensor | np.ndarray | None = None,
+    ) -> SegResult:
+        """Segment one image by the given class names.
+
+        Args:
+            image: a path, a PIL image or an ``(H, W, 3)`` uint8 RGB array.
+            classes: class lines (synonyms separated by ``", "``), e.g.
+                ``["sky, wall, tree", "cat", "person, man, woman"]``; class 0 is the background
+                class when the protocol's ``prob_thd`` is used.
+            embeddings: optional precomputed ``(Q, D)`` query embeddings.
+
+        Returns:
+            A :class:`SegResult` at the original image size.
+        """
+        rgb = load_image(image)
+        spec, text = self.encode_classes(classes, embeddings)
+        q2c = torch.tensor(spec.query_to_class, dtype=torch.int64, device=self.device)
+        x = self.resized_input(rgb)
+        logits = self.image_logits(x, text, q2c)
+        mask, probs = self.postprocess(logits, x, q2c, rgb.shape[:2])
+        return SegResult(
+            mask=mask.cpu().numpy(),
+            probs=probs.cpu().numpy(),
+            class_names=list(spec.names),
+            logits=logits.cpu().numpy(),
+        )
+
+    def postprocess(
+        self, logits: torch.Tensor, x: torch.Tensor, query_to_class: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upsample to the original size, optional PAMR, class probabilities and mask.
+
+        Returns:
+            ``(H, W)`` int64 mask and ``(C, H, W)`` renormalised class probabilities.
+        """
+        full = self.final_logits(logits, x, size)
+        class_probs = class_probabilities(full, query_to_class, self.protocol.logit_scale)
+        mask, class_probs = predict_mask(class_probs, self.protocol.prob_thd, self.protocol.area_thd)
+        return mask, renormalise(class_probs)
+
+    def final_logits(self, logits: torch.Tensor, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """``(Q, h1, w1)`` -> ``(Q, H, W)`` bilinear, then PAMR if the protocol asks for it."""
+        full = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)
+        if self.protocol.pamr_steps > 0:
+            guide = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            full = pamr(guide, full, self.protocol.pamr_steps, self.protocol.pamr_dilations)
+        return full[0]

@@ -1,0 +1,156 @@
+"""Dense forward over the parameters of a CLIP ViT visual tower.
+
+Only the stable parameter names shared by OpenAI checkpoints and open_clip are read
+(``conv1, class_embedding, positional_embedding, ln_pre, transformer.resblocks[i].{ln_1,
+attn.in_proj_*, attn.out_proj, ln_2, mlp, ls_1?, ls_2?}, ln_post, proj``), so open_clip's own
+attention modules are never called. Blocks 1..L-1 use fused attention, except the blocks whose
+q-k attention RCS needs: there the attention is formed explicitly and averaged on the fly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import interpolate_pos_embed, layer_norm, merge_heads, project_qkv, scaled_scores
+
+
+@dataclass
+class TrunkOutput:
+    """Output of blocks 1..L-1.
+
+    Attributes:
+        x: ``(B, T, C)`` residual stream entering the last block.
+        grid: patch grid ``(h, w)``.
+        rcs_attn: ``(B, H, T, T)`` float32 mean q-k attention of the requested blocks, or None.
+    """
+
+    x: torch.Tensor
+    grid: tuple[int, int]
+    rcs_attn: torch.Tensor | None
+
+
+def num_blocks(visual: torch.nn.Module) -> int:
+    """Number of transformer blocks of a visual tower."""
+    return len(visual.transformer.resblocks)
+
+
+def patch_size(visual: torch.nn.Module) -> int:
+    """Patch size (stride of the patch embedding)."""
+    return int(visual.conv1.weight.shape[-1])
+
+
+def num_heads(visual: torch.nn.Module) -> int:
+    """Attention heads of the visual blocks."""
+    return int(visual.transformer.resblocks[0].attn.num_heads)
+
+
+def embed_patches(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Patch embedding, CLS token, positional embedding and ``ln_pre``.
+
+    Args:
+        images: ``(B, 3, H, W)`` normalised images; trailing pixels that do not fill a patch are
+            dropped by the strided convolution.
+
+    Returns:
+        ``(B, T, C)`` tokens and the grid ``(h, w)``.
+    """
+    weight = visual.conv1.weight
+    x = F.conv2d(images.to(weight.dtype), weight, stride=patch_size(visual))
+    b, c, h, w = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, c).expand(b, 1, c)
+    x = torch.cat([cls, x], dim=1)
+    x = x + interpolate_pos_embed(visual.positional_embedding, h, w).to(x.dtype)
+    return layer_norm(x, visual.ln_pre), (h, w)
+
+
+def _mlp_residual(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    ls_2 = getattr(block, "ls_2", None)
+    y = block.mlp(layer_norm(x, block.ln_2))
+    return x + (ls_2(y) if ls_2 is not None else y)
+
+
+def _attn_out(block: torch.nn.Module, attn_out: torch.Tensor) -> torch.Tensor:
+    """``out_proj`` of merged heads; ``attn_out`` is ``(B, H, T, d)``."""
+    proj = block.attn.out_proj
+    return F.linear(merge_heads(attn_out), proj.weight, proj.bias)
+
+
+def run_block(block: torch.nn.Module, x: torch.Tensor, keep_attn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One unchanged pre-LN transformer block.
+
+    Args:
+        x: ``(B, T, C)``.
+        keep_attn: form the attention explicitly and return it.
+
+    Returns:
+        ``(B, T, C)`` output and, if asked, the ``(B, H, T, T)`` float32 attention.
+    """
+    attn_mod = block.attn
+    q, k, v = project_qkv(layer_norm(x, block.ln_1), attn_mod.in_proj_weight, attn_mod.in_proj_bias,
+                          attn_mod.num_heads)
+    attn = None
+    if keep_attn:
+        attn = torch.softmax(scaled_scores(q, k), dim=-1)
+        out = torch.matmul(attn.to(v.dtype), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    y = _attn_out(block, out)
+    ls_1 = getattr(block, "ls_1", None)
+    x = x + (ls_1(y) if ls_1 is not None else y)
+    return _mlp_residual(block, x), attn
+
+
+def encode_trunk(
+    visual: torch.nn.Module, images: torch.Tensor, rcs_layers: tuple[int, ...] = (), explicit: bool = True
+) -> TrunkOutput:
+    """Run blocks 1..L-1 (0-based ``0..L-2``), averaging the attention of ``rcs_layers``.
+
+    Args:
+        images: ``(B, 3, H, W)`` normalised images.
+        rcs_layers: 0-based indices of blocks whose q-k attention is averaged (each < L-1).
+        explicit: form every block's attention explicitly (``softmax(q k^T s) @ v``, the released
+            ResCLIP code's arithmetic, parity to ~1e-7); False uses fused attention where RCS does
+            not need the map (faster, ~1e-5 token differences).
+    """
+    x, grid = embed_patches(visual, images)
+    blocks = visual.transformer.resblocks
+    total: torch.Tensor | None = None
+    for i in range(len(blocks) - 1):
+        keep = i in rcs_layers
+        x, attn = run_block(blocks[i], x, keep_attn=keep or explicit)
+        attn = attn if keep else None
+        if attn is not None:
+            total = attn if total is None else total + attn
+    mean = total / len(rcs_layers) if total is not None else None
+    return TrunkOutput(x=x, grid=grid, rcs_attn=mean)
+
+
+def last_block_output(block: torch.nn.Module, x: torch.Tensor, attn: torch.Tensor, v: torch.Tensor,
+                      keep_residual: bool) -> torch.Tensor:
+    """Apply a given attention in the last block.
+
+    Args:
+        x: ``(B, T, C)`` block input; attn ``(B, H, T, T)``; v ``(B, H, T, d)``.
+        keep_residual: add ``x`` and run the MLP branch (else ``out_proj(A v)`` alone).
+    """
+    y = _attn_out(block, torch.matmul(attn.to(v.dtype), v))
+    if not keep_residual:
+        return y
+    return _mlp_residual(block, x + y)
+
+
+def last_block_qkv(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, H, T, d)`` of the last block for input ``x`` ``(B, T, C)``."""
+    attn_mod = block.attn
+    return project_qkv(layer_norm(x, block.ln_1), attn_mod.in_proj_weight, attn_mod.in_proj_bias,
+                       attn_mod.num_heads)
+
+
+def project_tokens(visual: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``ln_post`` on all tokens, then the output projection: ``(B, T, C)`` -> ``(B, T, D)``."""
+    y = layer_norm(y, visual.ln_post)
+    return y @ visual.proj.to(y.dtype)

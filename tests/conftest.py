@@ -1,0 +1,87 @@
+"""Shared fixtures: the golden checkpoint and arrays, tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden"
+BENCH = DATA / "benchmarks"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    """All golden arrays of both files, keyed as in the manifest."""
+    out: dict[str, np.ndarray] = {}
+    for name in ("golden_resclip.npz", "golden_baselines.npz"):
+        with np.load(GOLDEN / name, allow_pickle=False) as f:
+            out.update({k: f[k] for k in f.files})
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest() -> dict:
+    return json.loads((GOLDEN / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_ckpt_b16() -> Path:
+    return GOLDEN / "tiny_clip_b16_fp16.pt"
+
+
+@pytest.fixture(scope="session")
+def golden_ckpt_b32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The B/32 golden variant: the B/16 file updated with the delta, saved in OpenAI layout."""
+    sd = torch.load(GOLDEN / "tiny_clip_b16_fp16.pt", weights_only=True)
+    sd.update(torch.load(GOLDEN / "tiny_clip_b32_delta_fp16.pt", weights_only=True))
+    path = tmp_path_factory.mktemp("b32") / "tiny_clip_b32.pt"
+    torch.save(sd, path)
+    return path
+
+
+def _build_golden_model(path: Path) -> torch.nn.Module:
+    sd = {k: v.float() for k, v in torch.load(path, weights_only=True).items()}
+    return open_clip.model.build_model_from_openai_state_dict(sd, quick_gelu=True).float().eval()
+
+
+@pytest.fixture(scope="session")
+def golden_models(golden_ckpt_b16: Path, golden_ckpt_b32: Path) -> dict[str, torch.nn.Module]:
+    return {"b16": _build_golden_model(golden_ckpt_b16), "b32": _build_golden_model(golden_ckpt_b32)}
+
+
+TINY_CFG = {
+    "embed_dim": 32,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Register a tiny random ViT CLIP with open_clip and return its name."""
+    d = tmp_path_factory.mktemp("cfg")
+    (d / "resclip-test-tiny.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(d)
+    return "resclip-test-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tiny_arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny checkpoint in OpenAI state-dict layout (architecture inferable from shapes)."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(tiny_arch, pretrained=None)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
