@@ -22,7 +22,7 @@ def test_project_qkv_and_merge_heads_roundtrip():
     torch.manual_seed(0)
     z = torch.randn(2, 5, 8)
     weight = torch.eye(8).repeat(3, 1)  # q = k = v = z
-    q, k, v = project_qkv(z, weight, None, heads=2)
+    q, _k, v = project_qkv(z, weight, None, heads=2)
     assert q.shape == (2, 2, 5, 4)
     assert torch.equal(q[:, 1], z[:, :, 4:])
     assert torch.equal(merge_heads(v), z)

@@ -17,7 +17,9 @@ WINDOWS = {
     "W1": ("b16", "W1__input_nchw", 0.50, (2.0, 0.3), (2.2, 0.7)),
     "W2": ("b32", "W0__input_nchw", 0.10, (2.0, 0.6), (2.1, 0.6)),
 }
-VARIANTS = [("clip", "")] + [(b, s) for b in ("sclip", "clearclip", "naclip") for s in ("", "_rcs", "_sfr", "_resclip")]
+VARIANTS = [("clip", "")] + [
+    (b, s) for b in ("sclip", "clearclip", "naclip") for s in ("", "_rcs", "_sfr", "_resclip")
+]
 VARIANTS.append(("naclip", "default"))
 
 
@@ -46,12 +48,16 @@ def test_window_parity(golden, golden_models, window, base, suffix):
     np.testing.assert_allclose(logits[0].numpy(), golden[f"{key}__patch_logits"], atol=1e-5, rtol=0)
     if "sfr" in suffix or "resclip" in suffix or suffix == "default":
         np.testing.assert_allclose(
-            aux["sfr_first_pass_patch_logits"][0].numpy(), golden[f"{key}__sfr_first_pass_patch_logits"],
-            atol=1e-5, rtol=0,
+            aux["sfr_first_pass_patch_logits"][0].numpy(),
+            golden[f"{key}__sfr_first_pass_patch_logits"],
+            atol=1e-5,
+            rtol=0,
         )
         np.testing.assert_array_equal(aux["sfr_label_map"][0].numpy(), golden[f"{key}__sfr_label_map"])
         if f"{key}__sfr_valid_path" in golden:
-            np.testing.assert_array_equal(aux["sfr_valid_path"][0].numpy(), golden[f"{key}__sfr_valid_path"] == 1)
+            np.testing.assert_array_equal(
+                aux["sfr_valid_path"][0].numpy(), golden[f"{key}__sfr_valid_path"] == 1
+            )
             np.testing.assert_allclose(
                 aux["sfr_matrix_prenorm"][0].numpy(), golden[f"{key}__sfr_matrix_prenorm"], atol=1e-5, rtol=0
             )
@@ -82,8 +88,12 @@ def test_first_pass_probs_after_pamr(golden, golden_models):
     eng = _engine(golden_models, "W0", "naclip", "_resclip")
     aux: dict = {}
     x = torch.from_numpy(golden["W0__input_nchw"])
-    eng.window_logits(x, torch.from_numpy(golden["classifier__voclike"]),
-                      torch.from_numpy(golden["text__voclike__query_idx"]), aux)
+    eng.window_logits(
+        x,
+        torch.from_numpy(golden["classifier__voclike"]),
+        torch.from_numpy(golden["text__voclike__query_idx"]),
+        aux,
+    )
     up = torch.nn.functional.interpolate(aux["sfr_first_pass_patch_logits"], size=(224, 224), mode="bilinear")
     probs = torch.softmax(40 * pamr(x, up, 10, (8, 16)), dim=1)[0].flatten(1)
     idx = torch.from_numpy(golden["W0__naclip_resclip__sfr_first_pass_probs_idx"])
@@ -96,14 +106,24 @@ def test_first_pass_probs_after_pamr(golden, golden_models):
 def test_fused_trunk_stays_within_token_tolerance(golden, golden_models, base, suffix):
     eng = _engine(golden_models, "W0", base, suffix, trunk="fused")
     aux: dict = {}
-    eng.window_logits(torch.from_numpy(golden["W0__input_nchw"]), torch.from_numpy(golden["classifier__voclike"]),
-                      torch.from_numpy(golden["text__voclike__query_idx"]), aux)
-    np.testing.assert_allclose(aux["tokens"][0].numpy(), golden[f"W0__{base}{suffix}__tokens"], atol=1e-4, rtol=0)
+    eng.window_logits(
+        torch.from_numpy(golden["W0__input_nchw"]),
+        torch.from_numpy(golden["classifier__voclike"]),
+        torch.from_numpy(golden["text__voclike__query_idx"]),
+        aux,
+    )
+    np.testing.assert_allclose(
+        aux["tokens"][0].numpy(), golden[f"W0__{base}{suffix}__tokens"], atol=1e-4, rtol=0
+    )
 
 
 BASELINE_REPOS = [
-    ("naclip", "naclip", "naclip"), ("naclip", "sclip_csa", "sclip"), ("naclip", "clip", "clip"),
-    ("sclip", "sclip", "sclip"), ("clearclip", "clearclip", "clearclip"), ("clearclip", "maskclip", "maskclip"),
+    ("naclip", "naclip", "naclip"),
+    ("naclip", "sclip_csa", "sclip"),
+    ("naclip", "clip", "clip"),
+    ("sclip", "sclip", "sclip"),
+    ("clearclip", "clearclip", "clearclip"),
+    ("clearclip", "maskclip", "maskclip"),
 ]
 
 
@@ -113,9 +133,12 @@ def test_baseline_repositories(golden, golden_models, window, repo, variant, met
     """Our base methods reproduce each baseline repository's own code (tokens, logits)."""
     eng = DenseEngine(golden_models[WINDOWS[window][0]].visual, get_method(method), trunk_attention="fused")
     aux: dict = {}
-    logits = eng.window_logits(torch.from_numpy(golden[WINDOWS[window][1]]),
-                               torch.from_numpy(golden["classifier__voclike"]),
-                               torch.from_numpy(golden["text__voclike__query_idx"]), aux)
+    logits = eng.window_logits(
+        torch.from_numpy(golden[WINDOWS[window][1]]),
+        torch.from_numpy(golden["classifier__voclike"]),
+        torch.from_numpy(golden["text__voclike__query_idx"]),
+        aux,
+    )
     key = f"{repo}__{window}__{variant}"
     tokens = aux["tokens"][0]
     if repo == "clearclip":  # that repository returns patch tokens only
@@ -131,8 +154,10 @@ def test_clearclip_released_base_config(golden, golden_models, window):
 
     method = ClipAttention("clip-noresidual", keep_residual=False)
     eng = DenseEngine(golden_models[WINDOWS[window][0]].visual, method)
-    logits = eng.window_logits(torch.from_numpy(golden[WINDOWS[window][1]]),
-                               torch.from_numpy(golden["classifier__voclike"]),
-                               torch.from_numpy(golden["text__voclike__query_idx"]))
+    logits = eng.window_logits(
+        torch.from_numpy(golden[WINDOWS[window][1]]),
+        torch.from_numpy(golden["classifier__voclike"]),
+        torch.from_numpy(golden["text__voclike__query_idx"]),
+    )
     want = golden[f"clearclip__{window}__released_base_config__patch_logits"]
     np.testing.assert_allclose(logits[0].numpy(), want, atol=1e-5, rtol=0)

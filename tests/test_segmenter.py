@@ -12,15 +12,32 @@ from resclip.preprocess import resize_image, window_coords
 
 CLASS_LINES = {
     "voclike": [
-        "sky, wall, tree, grass", "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat",
-        "chair", "person, person in shirt, person in jeans", "television monitor, screen",
+        "sky, wall, tree, grass",
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "ship",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "person, person in shirt, person in jeans",
+        "television monitor, screen",
     ],
     "adelike": ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed"],
 }
 
 # (golden prefix, method, rcs+sfr, preset, class file, overrides)
 RESCLIP_RUNS = [
-    (f"slide__{ds}__naclip_resclip__img{img}", "naclip", True, ds, "adelike" if ds == "ade20k" else "voclike", {})
+    (
+        f"slide__{ds}__naclip_resclip__img{img}",
+        "naclip",
+        True,
+        ds,
+        "adelike" if ds == "ade20k" else "voclike",
+        {},
+    )
     for ds in ("voc21", "context60", "ade20k")
     for img in "ABC"
 ] + [
@@ -43,12 +60,19 @@ BASELINE_RUNS = [
 
 def _segmenter(ckpt, method, modules, preset, overrides):
     return resclip.create_segmenter(
-        method=method, rcs=modules, sfr=modules, preset=preset, pretrained=str(ckpt), text_cache=False,
+        method=method,
+        rcs=modules,
+        sfr=modules,
+        preset=preset,
+        pretrained=str(ckpt),
+        text_cache=False,
         **overrides,
     )
 
 
-@pytest.mark.parametrize(("prefix", "method", "modules", "preset", "cls", "overrides"), RESCLIP_RUNS + BASELINE_RUNS)
+@pytest.mark.parametrize(
+    ("prefix", "method", "modules", "preset", "cls", "overrides"), RESCLIP_RUNS + BASELINE_RUNS
+)
 def test_full_image_parity(golden, golden_ckpt_b16, prefix, method, modules, preset, cls, overrides):
     seg = _segmenter(golden_ckpt_b16, method, modules, preset, overrides)
     image = golden[f"img{prefix.split('__img')[1]}__raw_rgb"]
@@ -61,8 +85,10 @@ def test_full_image_parity(golden, golden_ckpt_b16, prefix, method, modules, pre
     if f"{prefix}__slide_logits_samples" in golden:
         idx = golden[f"{prefix}__slide_logits_idx"]
         np.testing.assert_allclose(
-            res.logits.reshape(res.logits.shape[0], -1)[:, idx], golden[f"{prefix}__slide_logits_samples"],
-            atol=1e-5, rtol=0,
+            res.logits.reshape(res.logits.shape[0], -1)[:, idx],
+            golden[f"{prefix}__slide_logits_samples"],
+            atol=1e-5,
+            rtol=0,
         )
     fidx = golden[f"{prefix}__final_idx"]
     want = golden[f"{prefix}__probs_samples"]
@@ -73,16 +99,20 @@ def test_full_image_parity(golden, golden_ckpt_b16, prefix, method, modules, pre
     x = seg.resized_input(image)
     full = seg.final_logits(torch.from_numpy(res.logits), x, image.shape[:2])
     np.testing.assert_allclose(
-        full.reshape(full.shape[0], -1)[:, fidx].numpy(), golden[f"{prefix}__final_logits_samples"],
-        atol=1e-5, rtol=0,
+        full.reshape(full.shape[0], -1)[:, fidx].numpy(),
+        golden[f"{prefix}__final_logits_samples"],
+        atol=1e-5,
+        rtol=0,
     )
     stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
     stable[golden[f"{prefix}__pred_unstable_idx"]] = False
     np.testing.assert_array_equal(res.mask.reshape(-1)[stable], golden[f"{prefix}__pred"].reshape(-1)[stable])
 
 
-@pytest.mark.parametrize(("prefix", "method", "modules", "preset", "cls", "overrides"),
-                         RESCLIP_RUNS[:: 3] + BASELINE_RUNS[3:5] + BASELINE_RUNS[7:8])
+@pytest.mark.parametrize(
+    ("prefix", "method", "modules", "preset", "cls", "overrides"),
+    RESCLIP_RUNS[::3] + BASELINE_RUNS[3:5] + BASELINE_RUNS[7:8],
+)
 def test_every_window(golden, golden_ckpt_b16, prefix, method, modules, preset, cls, overrides):
     """Per-window logits and SFR label maps in processing order."""
     seg = _segmenter(golden_ckpt_b16, method, modules, preset, overrides)
@@ -98,11 +128,17 @@ def test_every_window(golden, golden_ckpt_b16, prefix, method, modules, preset, 
     aux: dict = {}
     logits = seg.engine.window_logits(crops, text, q2c, aux)
     for k in range(len(boxes)):
-        np.testing.assert_allclose(logits[k].numpy(), golden[f"{prefix}__win{k}__patch_logits"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            logits[k].numpy(), golden[f"{prefix}__win{k}__patch_logits"], atol=1e-5, rtol=0
+        )
         if modules:
-            np.testing.assert_array_equal(aux["sfr_label_map"][k].numpy(), golden[f"{prefix}__win{k}__sfr_label_map"])
+            np.testing.assert_array_equal(
+                aux["sfr_label_map"][k].numpy(), golden[f"{prefix}__win{k}__sfr_label_map"]
+            )
 
 
 @pytest.mark.parametrize("img", "ABC")
 def test_resize_matches_benchmark_pipeline(golden, img):
-    np.testing.assert_array_equal(resize_image(golden[f"img{img}__raw_rgb"], 336), golden[f"img{img}__resized_rgb"])
+    np.testing.assert_array_equal(
+        resize_image(golden[f"img{img}__raw_rgb"], 336), golden[f"img{img}__resized_rgb"]
+    )

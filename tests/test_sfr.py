@@ -81,8 +81,11 @@ def test_own_label_per_patch_gives_the_smoothing_kernel():
     assert torch.all(out[0] == 0) and torch.all(out[:, 0] == 0)
     row = out[1 + 5, 1:]
     assert row.argmax().item() == 5
-    assert torch.allclose(row / row.sum(), smooth_rows(torch.eye(16)[None], 5.0)[0, 5] /
-                          smooth_rows(torch.eye(16)[None], 5.0)[0, 5].sum(), atol=1e-6)
+    assert torch.allclose(
+        row / row.sum(),
+        smooth_rows(torch.eye(16)[None], 5.0)[0, 5] / smooth_rows(torch.eye(16)[None], 5.0)[0, 5].sum(),
+        atol=1e-6,
+    )
     assert math.isclose(out.max().item(), 1.0, rel_tol=1e-6)
 
 
@@ -93,7 +96,11 @@ def test_distance_decay_hand_case():
     aux: dict = {}
     out = refinement_scores(labels, cfg, aux)[0, 1:, 1:]
     # samples use t = (0, 0.5, 1) with half-to-even rounding: 0 -> 1 checks patches 0, 0 (round(0.5) = 0)
-    assert aux["sfr_valid_path"][0].tolist() == [[True, True, False], [False, True, False], [False, True, True]]
+    assert aux["sfr_valid_path"][0].tolist() == [
+        [True, True, False],
+        [False, True, False],
+        [False, True, True],
+    ]
     assert math.isclose(out[0, 2].item(), math.exp(-2 / 2), rel_tol=1e-6)  # D = exp(-d / Mx), d = Mx = 2
     assert out[0, 1].item() == 0.0 and out[0, 0].item() == 1.0
 

@@ -7,6 +7,7 @@ import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -26,6 +27,15 @@ from resclip.text import (
 )
 
 DATA = Path(__file__).parent / "data" / "golden"
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make accidental downloads fail fast (huggingface_hub reads HF_HUB_OFFLINE when imported)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +59,7 @@ def clip() -> LoadedClip:
 def count_prompts(clip: LoadedClip, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     """Count the prompts that go through ``encode_text``."""
     seen = [0]
-    encode_text = clip.model.encode_text
+    encode_text = cast(Any, clip.model).encode_text
 
     def counting(tokens: torch.Tensor) -> torch.Tensor:
         seen[0] += tokens.shape[0]
@@ -72,8 +82,10 @@ def test_golden_token_ids_and_template_features(clip: LoadedClip, golden: dict[s
     tokens = torch.stack([clip.tokenizer([t.format(w) for t in TEMPLATES]) for w in words])
     np.testing.assert_array_equal(tokens.numpy(), golden["text__sample__token_ids"])
     with torch.no_grad():
-        features = torch.stack([clip.model.encode_text(t) for t in tokens])
-    np.testing.assert_allclose(features.numpy(), golden["text__sample__template_features_raw"], rtol=0, atol=1e-5)
+        features = torch.stack([cast(Any, clip.model).encode_text(t) for t in tokens])
+    np.testing.assert_allclose(
+        features.numpy(), golden["text__sample__template_features_raw"], rtol=0, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["voclike", "adelike"])
@@ -87,7 +99,9 @@ def test_golden_class_embeddings(
     else:  # the same through the cache-aware entry point
         embeddings = query_embeddings(clip.model, clip.tokenizer, spec, fingerprint="golden", cache=None)
     assert embeddings.dtype == torch.float32 and embeddings.shape == (spec.num_queries, 64)
-    np.testing.assert_allclose(embeddings.numpy(), golden[f"text__{name}__class_embeddings"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        embeddings.numpy(), golden[f"text__{name}__class_embeddings"], rtol=0, atol=1e-5
+    )
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -100,6 +114,7 @@ def test_parse_synonyms() -> None:
     assert spec.query_to_class == (0, 0, 0, 1, 2, 2)
     assert (spec.num_classes, spec.num_queries) == (3, 6)
     assert parse_classes(spec) is spec
+    assert parse_classes(np.array(["sky, clouds", "cat"])).queries == ("sky", "clouds", "cat")
 
 
 def test_parse_single_string() -> None:
@@ -177,7 +192,7 @@ def test_encode_queries_shape_norm_and_batching(clip: LoadedClip) -> None:
     assert full.shape == (3, 64) and full.dtype == torch.float32
     torch.testing.assert_close(full.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(small, full, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="contain '{}'"):
+    with pytest.raises(ValueError, match=r"contain '\{\}'"):
         encode_queries(clip.model, clip.tokenizer, ["cat"], ["a photo"])
     with pytest.raises(ValueError, match="queries is empty"):
         encode_queries(clip.model, clip.tokenizer, [])
@@ -190,7 +205,7 @@ def test_over_long_query_warns(clip: LoadedClip) -> None:
 
 
 def test_text_fingerprint(clip: LoadedClip) -> None:
-    other = copy.deepcopy(clip.model)
+    other: Any = copy.deepcopy(clip.model)
     assert text_fingerprint(other) == text_fingerprint(clip.model)
     other.visual.proj.data += 1  # the image tower does not matter
     assert text_fingerprint(other) == text_fingerprint(clip.model)
@@ -203,9 +218,16 @@ def test_text_fingerprint(clip: LoadedClip) -> None:
 TWO = ["a photo of a {}.", "a {}"]
 
 
-def _embed(clip: LoadedClip, classes: list[str], cache: EmbeddingCache | None, fingerprint: str = "fp") -> torch.Tensor:
+def _embed(
+    clip: LoadedClip, classes: list[str], cache: EmbeddingCache | None, fingerprint: str = "fp"
+) -> torch.Tensor:
     return query_embeddings(
-        clip.model, clip.tokenizer, parse_classes(classes), fingerprint=fingerprint, cache=cache, templates=TWO
+        clip.model,
+        clip.tokenizer,
+        parse_classes(classes),
+        fingerprint=fingerprint,
+        cache=cache,
+        templates=TWO,
     )
 
 
@@ -223,7 +245,9 @@ def test_cache_skips_encode_text(clip: LoadedClip, count_prompts: Callable[[], i
     assert len(list(tmp_path.glob("*.pt"))) == 5
 
 
-def test_cache_memory_only_and_lru(clip: LoadedClip, count_prompts: Callable[[], int], tmp_path: Path) -> None:
+def test_cache_memory_only_and_lru(
+    clip: LoadedClip, count_prompts: Callable[[], int], tmp_path: Path
+) -> None:
     cache = EmbeddingCache(tmp_path / "unused", max_memory_items=2, disk=False)
     _embed(clip, ["cat", "dog", "sky"], cache)
     assert len(cache) == 2 and not (tmp_path / "unused").exists()

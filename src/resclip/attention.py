@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 
-def layer_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
     """LayerNorm computed in fp32 and cast back, as CLIP's own LayerNorm does.
 
     Args:
@@ -106,7 +107,7 @@ def interpolate_pos_embed(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
         ``(1 + h*w, C)`` in the dtype of ``pos``.
     """
     n_native = pos.shape[0] - 1
-    side = int(round(math.sqrt(n_native)))
+    side = round(math.sqrt(n_native))
     if side * side != n_native:
         raise ValueError(f"positional embedding with {n_native} patch rows is not a square grid")
     if h * w == n_native and h == w:

@@ -153,11 +153,12 @@ def load_clip(
 ) -> LoadedClip:
     """Load a ViT CLIP model and its tokenizer.
 
-    QuickGELU, when ``quick_gelu`` is None: an open_clip tag decides (``"openai"`` uses QuickGELU, LAION
-    tags GELU). A local file cannot tell, so it is assumed to hold OpenAI weights (QuickGELU), unless
-    ``model`` names a ``-quickgelu``-free architecture *and* the file has no OpenAI marker (then QuickGELU
-    is still used, with a warning): pass ``quick_gelu=False`` for LAION / DataComp files. Random weights
-    follow the architecture's config.
+    The MLP activation, when ``quick_gelu`` is None, comes from open_clip's tag table for a tag
+    (``"openai"``: QuickGELU, LAION tags: GELU) and from the architecture's config for random weights. A
+    local file does not record it, so QuickGELU (what OpenAI weights need) is used; if ``model`` names an
+    architecture whose config says GELU and the file is not recognisably an original OpenAI checkpoint
+    (TorchScript archive, or OpenAI's ``input_resolution`` keys), a ``UserWarning`` says so. Pass
+    ``quick_gelu=False`` for LAION / DataComp files. ``info.quick_gelu`` records the choice.
 
     Args:
         model: open_clip model name (``"ViT-B-16"``, anything in ``open_clip.list_models()``) or an OpenAI
@@ -257,6 +258,11 @@ def _checkpoint_path(pretrained: str | None, arch: str | None) -> Path | None:
     path = Path(text).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"pretrained={text!r} is a directory; pass the checkpoint file inside it "
+            "(e.g. open_clip_model.safetensors or ViT-B-16.pt)"
+        )
     if _looks_like_path(text):
         raise FileNotFoundError(
             f"pretrained={text!r}: no such checkpoint file. Pass the path of an existing OpenAI .pt or "
@@ -565,7 +571,7 @@ def _build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: b
         "width": width,
         "head_width": width // v_heads,
         "patch_size": patch,
-        "mlp_ratio": shape["v_mlp"] / width,
+        "mlp_ratio": _mlp_ratio(shape["v_mlp"], width),
     }
     text_cfg = {
         "context_length": shape["ctx"],
@@ -573,11 +579,16 @@ def _build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: b
         "width": text_width,
         "heads": t_heads,
         "layers": shape["t_layers"],
-        "mlp_ratio": shape["t_mlp"] / text_width,
+        "mlp_ratio": _mlp_ratio(shape["t_mlp"], text_width),
     }
     net = open_clip.CLIP(shape["embed_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu)
     name = match or f"vit-w{width}-l{shape['v_layers']}-p{patch}-i{shape['image']}"
     return net, f"inferred-{name}"
+
+
+def _mlp_ratio(hidden: int, width: int) -> float:
+    """A ratio for which open_clip's ``int(width * mlp_ratio)`` gives back ``hidden`` despite rounding."""
+    return (hidden + 0.5) / width
 
 
 def _match_registered(shape: Mapping[str, int]) -> tuple[str | None, int | None, int | None]:

@@ -11,6 +11,7 @@ from .methods import BaseAttention
 from .rcs import RCSConfig, rcs_mix
 from .sfr import SFRConfig, patch_mode, pixel_labels, refinement_scores, sfr_mix
 from .vit import (
+    Tower,
     encode_trunk,
     last_block_output,
     last_block_qkv,
@@ -51,7 +52,7 @@ class DenseEngine:
 
     def __init__(
         self,
-        visual: torch.nn.Module,
+        visual: Tower,
         method: BaseAttention,
         rcs: RCSConfig | None = None,
         sfr: SFRConfig | None = None,

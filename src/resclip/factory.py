@@ -120,8 +120,12 @@ def create_segmenter(
     dev = resolve_device(device)
     resolve_precision(precision)
     loaded = load_clip(model, pretrained, device=dev, precision=precision)
+    visual: Any = loaded.model.visual
     engine = DenseEngine(
-        loaded.model.visual, base, chosen.rcs if rcs else None, chosen.sfr if sfr else None,
+        visual,
+        base,
+        chosen.rcs if rcs else None,
+        chosen.sfr if sfr else None,
         trunk_attention=trunk_attention or chosen.trunk_attention,
     )
     config = SegmenterConfig(
@@ -140,6 +144,12 @@ def create_segmenter(
         cache = None  # random weights: nothing worth keeping
     fingerprint = f"{loaded.info.arch}|{text_fingerprint(loaded.model)}|{precision}"
     return Segmenter(
-        engine, loaded.model, loaded.tokenizer, config, dev, window_batch=window_batch,
-        text_cache=cache, fingerprint=fingerprint,
+        engine,
+        loaded.model,
+        loaded.tokenizer,
+        config,
+        dev,
+        window_batch=window_batch,
+        text_cache=cache,
+        fingerprint=fingerprint,
     )

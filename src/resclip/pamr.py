@@ -32,7 +32,8 @@ def pamr_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor
         ``(B, 8 * len(dilations), H, W)`` weights summing to 1 over dim 1.
     """
     _, _, h, w = image.shape
-    diffs, stds = [], []
+    diffs: list[torch.Tensor] = []
+    stds: list[torch.Tensor] = []
     for d in dilations:
         padded = F.pad(image, [d] * 4, mode="replicate")
         window = [_shift(padded, d, dy * d, dx * d, h, w) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -43,7 +44,9 @@ def pamr_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor
     return aff.mean(dim=1).softmax(dim=1)
 
 
-def pamr(image: torch.Tensor, mask: torch.Tensor, steps: int, dilations: Sequence[int] = (8, 16)) -> torch.Tensor:
+def pamr(
+    image: torch.Tensor, mask: torch.Tensor, steps: int, dilations: Sequence[int] = (8, 16)
+) -> torch.Tensor:
     """Refine ``mask`` with ``steps`` PAMR iterations guided by ``image``.
 
     Args:
@@ -58,7 +61,9 @@ def pamr(image: torch.Tensor, mask: torch.Tensor, steps: int, dilations: Sequenc
     if steps <= 0:
         return mask
     if image.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"PAMR image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ")
+        raise ValueError(
+            f"PAMR image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ"
+        )
     dtype = mask.dtype
     aff = pamr_affinity(image.float(), dilations)
     out = mask.float()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import cv2
 import numpy as np
@@ -14,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 CLIP_MEAN = (122.771, 116.746, 104.094)
 CLIP_STD = (68.501, 66.632, 70.323)
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:

@@ -60,9 +60,19 @@ class Preset:
 def official_sfr(lam: float, tau: float, temp_thd: float) -> SFRConfig:
     """SFR exactly as the released code computes it."""
     return SFRConfig(
-        lam=lam, tau=tau, confidence_thd=temp_thd, first_pass_logit_scale=40.0, first_pass_pamr_steps=10,
-        first_pass_pamr_dilations=(8, 16), label_level="query", path="line", distance_decay=True,
-        smoothing_std=5.0, normalise=True, fp16_scores=True, bias_after_mix=True,
+        lam=lam,
+        tau=tau,
+        confidence_thd=temp_thd,
+        first_pass_logit_scale=40.0,
+        first_pass_pamr_steps=10,
+        first_pass_pamr_dilations=(8, 16),
+        label_level="query",
+        path="line",
+        distance_decay=True,
+        smoothing_std=5.0,
+        normalise=True,
+        fp16_scores=True,
+        bias_after_mix=True,
     )
 
 
@@ -120,7 +130,10 @@ def _resclip(ds: str) -> Preset:
 def _naclip(ds: str) -> Preset:
     base = _resclip(ds)
     return replace(
-        base, name=f"naclip/{ds}", protocol=replace(base.protocol, pamr_steps=10), trunk_attention="fused",
+        base,
+        name=f"naclip/{ds}",
+        protocol=replace(base.protocol, pamr_steps=10),
+        trunk_attention="fused",
         description=f"NACLIP repository protocol for {ds} (PAMR on the output)",
     )
 
@@ -130,11 +143,18 @@ def _sclip(ds: str) -> Preset:
     logit = {"voc21": 65.0, "context60": 50.0, "coco_object": 50.0}.get(ds, 40.0)
     short = {"coco_stuff": 448, "cityscapes": 560}.get(ds, 336)
     proto = Protocol(
-        short_side=short, slide_crop=224, slide_stride=112, logit_scale=logit,
-        prob_thd=0.1 if ds in _BACKGROUND else 0.0, area_thd=0.1 if ds == "voc21" else None,
+        short_side=short,
+        slide_crop=224,
+        slide_stride=112,
+        logit_scale=logit,
+        prob_thd=0.1 if ds in _BACKGROUND else 0.0,
+        area_thd=0.1 if ds == "voc21" else None,
     )
     return replace(
-        base, name=f"sclip/{ds}", protocol=proto, trunk_attention="fused",
+        base,
+        name=f"sclip/{ds}",
+        protocol=proto,
+        trunk_attention="fused",
         description=f"SCLIP repository protocol for {ds}",
     )
 
@@ -145,7 +165,10 @@ def _clearclip(ds: str) -> Preset:
     prob = {"voc21": 0.5, "context60": 0.15, "coco_object": 0.4}.get(ds, 0.0)
     proto = Protocol(short_side=448, slide_crop=crop, slide_stride=stride, logit_scale=50.0, prob_thd=prob)
     return replace(
-        base, name=f"clearclip/{ds}", protocol=proto, trunk_attention="fused",
+        base,
+        name=f"clearclip/{ds}",
+        protocol=proto,
+        trunk_attention="fused",
         description=f"ClearCLIP repository protocol for {ds}",
     )
 
@@ -154,7 +177,12 @@ def _paper(ds: str) -> Preset:
     base = _resclip(ds)
     proto = replace(base.protocol, slide_crop=224, slide_stride=112)
     return replace(
-        base, name=f"paper/{ds}", protocol=proto, rcs=paper_rcs(), sfr=paper_sfr(), fidelity="paper",
+        base,
+        name=f"paper/{ds}",
+        protocol=proto,
+        rcs=paper_rcs(),
+        sfr=paper_sfr(),
+        fidelity="paper",
         trunk_attention="fused",
         description=f"paper's printed settings for {ds} (slide 224/112, lambda_rcs 0.5, lambda_sfr 0.7)",
     )

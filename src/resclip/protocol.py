@@ -38,10 +38,12 @@ class Protocol:
 
     def __post_init__(self) -> None:
         if self.short_side < 1 or self.long_side < 1:
-            raise ValueError(f"short_side and long_side must be >= 1, got {self.short_side}, {self.long_side}")
+            raise ValueError(
+                f"short_side and long_side must be >= 1, got {self.short_side}, {self.long_side}"
+            )
         if self.slide_crop < 0:
             raise ValueError(f"slide_crop must be >= 0 (0 = whole image), got {self.slide_crop}")
-        if self.slide_crop > 0 and not 0 < self.slide_stride:
+        if self.slide_crop > 0 and not self.slide_stride > 0:
             raise ValueError(f"slide_stride must be > 0, got {self.slide_stride}")
         if not self.logit_scale > 0:
             raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
@@ -53,7 +55,9 @@ class Protocol:
             raise ValueError(f"pamr_steps must be >= 0, got {self.pamr_steps}")
 
 
-def class_probabilities(logits: torch.Tensor, query_to_class: torch.Tensor, logit_scale: float) -> torch.Tensor:
+def class_probabilities(
+    logits: torch.Tensor, query_to_class: torch.Tensor, logit_scale: float
+) -> torch.Tensor:
     """Softmax over queries, then the max over each class's synonyms.
 
     Args:
@@ -67,9 +71,9 @@ def class_probabilities(logits: torch.Tensor, query_to_class: torch.Tensor, logi
     return class_max(probs[None], query_to_class)[0]
 
 
-def predict_mask(class_probs: torch.Tensor, prob_thd: float, area_thd: float | None = None) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
+def predict_mask(
+    class_probs: torch.Tensor, prob_thd: float, area_thd: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Argmax over classes with the background threshold (and SCLIP's area filter).
 
     Args:

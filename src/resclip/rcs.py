@@ -33,7 +33,9 @@ class RCSConfig:
         if not self.tau > 0:
             raise ValueError(f"RCS tau must be > 0, got {self.tau}")
         if not self.layers or any(int(i) != i or i < 1 for i in self.layers):
-            raise ValueError(f"RCS layers must be 1-based block indices (e.g. (6, 7, 8, 9)), got {self.layers}")
+            raise ValueError(
+                f"RCS layers must be 1-based block indices (e.g. (6, 7, 8, 9)), got {self.layers}"
+            )
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"RCS layers contain duplicates: {self.layers}")
         object.__setattr__(self, "layers", tuple(sorted(int(i) for i in self.layers)))
@@ -42,8 +44,8 @@ class RCSConfig:
         """0-based block indices, checked against a ViT of ``num_blocks`` blocks."""
         if max(self.layers) >= num_blocks:
             raise ValueError(
-                f"RCS layers {self.layers} must lie in 1..{num_blocks - 1} for a ViT with {num_blocks} blocks "
-                "(the last block is the one RCS modifies)"
+                f"RCS layers {self.layers} must lie in 1..{num_blocks - 1} for a ViT with "
+                f"{num_blocks} blocks (the last block is the one RCS modifies)"
             )
         return tuple(i - 1 for i in self.layers)
 

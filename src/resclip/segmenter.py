@@ -89,7 +89,8 @@ class Segmenter:
     # ------------------------------------------------------------------ text
     @property
     def embed_dim(self) -> int:
-        return int(self.engine.visual.proj.shape[1])
+        proj: torch.Tensor = self.engine.visual.proj
+        return int(proj.shape[1])
 
     def encode_classes(
         self, classes: Sequence[str] | str, embeddings: torch.Tensor | np.ndarray | None = None
@@ -140,7 +141,7 @@ class Segmenter:
             crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, x1, y2, x2 in chunk])
             logits = self.engine.window_logits(crops, text, query_to_class)
             up = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
-            for (y1, x1, y2, x2), win in zip(chunk, up):
+            for (y1, x1, y2, x2), win in zip(chunk, up, strict=False):
                 acc[:, y1:y2, x1:x2] += win
                 count[:, y1:y2, x1:x2] += 1
         return acc / count

@@ -323,9 +323,6 @@ def sfr_mix(scores: torch.Tensor, refine: torch.Tensor, cfg: SFRConfig) -> torch
     Returns:
         ``(B, H, T, T)`` float32.
     """
-    if cfg.fp16_scores:
-        # The released code casts Ŝ to fp16 and multiplies by lam there, even on an fp32 model.
-        weighted = (cfg.lam * refine.half()).float()
-    else:
-        weighted = cfg.lam * refine
+    # The released code casts Ŝ to fp16 and multiplies by lam there, even on an fp32 model.
+    weighted = (cfg.lam * refine.half()).float() if cfg.fp16_scores else cfg.lam * refine
     return cfg.tau * ((1.0 - cfg.lam) * scores + weighted)

@@ -75,7 +75,7 @@ class ClassSpec:
         return len(self.queries)
 
 
-def parse_classes(classes: Sequence[str] | str | ClassSpec) -> ClassSpec:
+def parse_classes(classes: Sequence[str] | str | ClassSpec | np.ndarray) -> ClassSpec:
     """Parse class lines into classes and queries.
 
     Each class line holds one or more synonyms separated by commas, e.g. ``"person, man, woman"``;
@@ -88,8 +88,8 @@ def parse_classes(classes: Sequence[str] | str | ClassSpec) -> ClassSpec:
     does a synonym that appears in several classes.
 
     Args:
-        classes: a sequence of class lines, one string of ``";"``/newline-separated classes, or a
-            :class:`ClassSpec` (returned unchanged).
+        classes: a sequence (or 1-D array) of class lines, one string of ``";"``/newline-separated
+            classes, or a :class:`ClassSpec` (returned unchanged).
 
     Returns:
         The parsed classes.
@@ -108,7 +108,7 @@ def parse_classes(classes: Sequence[str] | str | ClassSpec) -> ClassSpec:
         lines = re.split(r"[;\n]", classes)
         while lines and not lines[-1].strip():
             lines.pop()
-    elif isinstance(classes, Sequence):
+    elif isinstance(classes, (Sequence, np.ndarray)) and not isinstance(classes, bytes):
         lines = list(classes)
     else:
         raise ValueError(

@@ -10,11 +10,17 @@ q-k attention RCS needs: there the attention is formed explicitly and averaged o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .attention import interpolate_pos_embed, layer_norm, merge_heads, project_qkv, scaled_scores
+
+# A ViT visual tower or one of its blocks, read by attribute name (duck-typed: open_clip's modules and
+# any module with the same parameter names work).
+Tower = Any
+Block = Any
 
 
 @dataclass
@@ -32,22 +38,22 @@ class TrunkOutput:
     rcs_attn: torch.Tensor | None
 
 
-def num_blocks(visual: torch.nn.Module) -> int:
+def num_blocks(visual: Tower) -> int:
     """Number of transformer blocks of a visual tower."""
     return len(visual.transformer.resblocks)
 
 
-def patch_size(visual: torch.nn.Module) -> int:
+def patch_size(visual: Tower) -> int:
     """Patch size (stride of the patch embedding)."""
     return int(visual.conv1.weight.shape[-1])
 
 
-def num_heads(visual: torch.nn.Module) -> int:
+def num_heads(visual: Tower) -> int:
     """Attention heads of the visual blocks."""
     return int(visual.transformer.resblocks[0].attn.num_heads)
 
 
-def embed_patches(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def embed_patches(visual: Tower, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch embedding, CLS token, positional embedding and ``ln_pre``.
 
     Args:
@@ -67,19 +73,19 @@ def embed_patches(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.
     return layer_norm(x, visual.ln_pre), (h, w)
 
 
-def _mlp_residual(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _mlp_residual(block: Block, x: torch.Tensor) -> torch.Tensor:
     ls_2 = getattr(block, "ls_2", None)
     y = block.mlp(layer_norm(x, block.ln_2))
     return x + (ls_2(y) if ls_2 is not None else y)
 
 
-def _attn_out(block: torch.nn.Module, attn_out: torch.Tensor) -> torch.Tensor:
+def _attn_out(block: Block, attn_out: torch.Tensor) -> torch.Tensor:
     """``out_proj`` of merged heads; ``attn_out`` is ``(B, H, T, d)``."""
     proj = block.attn.out_proj
     return F.linear(merge_heads(attn_out), proj.weight, proj.bias)
 
 
-def run_block(block: torch.nn.Module, x: torch.Tensor, keep_attn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def run_block(block: Block, x: torch.Tensor, keep_attn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One unchanged pre-LN transformer block.
 
     Args:
@@ -90,8 +96,9 @@ def run_block(block: torch.nn.Module, x: torch.Tensor, keep_attn: bool) -> tuple
         ``(B, T, C)`` output and, if asked, the ``(B, H, T, T)`` float32 attention.
     """
     attn_mod = block.attn
-    q, k, v = project_qkv(layer_norm(x, block.ln_1), attn_mod.in_proj_weight, attn_mod.in_proj_bias,
-                          attn_mod.num_heads)
+    q, k, v = project_qkv(
+        layer_norm(x, block.ln_1), attn_mod.in_proj_weight, attn_mod.in_proj_bias, attn_mod.num_heads
+    )
     attn = None
     if keep_attn:
         attn = torch.softmax(scaled_scores(q, k), dim=-1)
@@ -105,7 +112,7 @@ def run_block(block: torch.nn.Module, x: torch.Tensor, keep_attn: bool) -> tuple
 
 
 def encode_trunk(
-    visual: torch.nn.Module, images: torch.Tensor, rcs_layers: tuple[int, ...] = (), explicit: bool = True
+    visual: Tower, images: torch.Tensor, rcs_layers: tuple[int, ...] = (), explicit: bool = True
 ) -> TrunkOutput:
     """Run blocks 1..L-1 (0-based ``0..L-2``), averaging the attention of ``rcs_layers``.
 
@@ -129,8 +136,9 @@ def encode_trunk(
     return TrunkOutput(x=x, grid=grid, rcs_attn=mean)
 
 
-def last_block_output(block: torch.nn.Module, x: torch.Tensor, attn: torch.Tensor, v: torch.Tensor,
-                      keep_residual: bool) -> torch.Tensor:
+def last_block_output(
+    block: Block, x: torch.Tensor, attn: torch.Tensor, v: torch.Tensor, keep_residual: bool
+) -> torch.Tensor:
     """Apply a given attention in the last block.
 
     Args:
@@ -143,14 +151,15 @@ def last_block_output(block: torch.nn.Module, x: torch.Tensor, attn: torch.Tenso
     return _mlp_residual(block, x + y)
 
 
-def last_block_qkv(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def last_block_qkv(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``(B, H, T, d)`` of the last block for input ``x`` ``(B, T, C)``."""
     attn_mod = block.attn
-    return project_qkv(layer_norm(x, block.ln_1), attn_mod.in_proj_weight, attn_mod.in_proj_bias,
-                       attn_mod.num_heads)
+    return project_qkv(
+        layer_norm(x, block.ln_1), attn_mod.in_proj_weight, attn_mod.in_proj_bias, attn_mod.num_heads
+    )
 
 
-def project_tokens(visual: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+def project_tokens(visual: Tower, y: torch.Tensor) -> torch.Tensor:
     """``ln_post`` on all tokens, then the output projection: ``(B, T, C)`` -> ``(B, T, D)``."""
     y = layer_norm(y, visual.ln_post)
     return y @ visual.proj.to(y.dtype)

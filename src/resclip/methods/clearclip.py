@@ -18,4 +18,6 @@ class ClearClipAttention(BaseAttention):
 
 @register_method("clearclip")
 def clearclip_method() -> BaseAttention:
-    return ClearClipAttention("clearclip", keep_residual=False, description="ClearCLIP (q-q attention, no residual)")
+    return ClearClipAttention(
+        "clearclip", keep_residual=False, description="ClearCLIP (q-q attention, no residual)"
+    )

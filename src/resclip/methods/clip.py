@@ -18,4 +18,6 @@ class ClipAttention(BaseAttention):
 
 @register_method("clip")
 def clip_method() -> BaseAttention:
-    return ClipAttention("clip", keep_residual=True, description="vanilla CLIP (q-k attention, residual kept)")
+    return ClipAttention(
+        "clip", keep_residual=True, description="vanilla CLIP (q-k attention, residual kept)"
+    )

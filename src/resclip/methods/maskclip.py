@@ -21,4 +21,6 @@ class MaskClipAttention(BaseAttention):
 
 @register_method("maskclip")
 def maskclip_method() -> BaseAttention:
-    return MaskClipAttention("maskclip", keep_residual=False, description="MaskCLIP (value path, no residual)")
+    return MaskClipAttention(
+        "maskclip", keep_residual=False, description="MaskCLIP (value path, no residual)"
+    )

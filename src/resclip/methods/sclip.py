@@ -18,4 +18,6 @@ class SclipAttention(BaseAttention):
 
 @register_method("sclip")
 def sclip_method() -> BaseAttention:
-    return SclipAttention("sclip", keep_residual=True, description="SCLIP (q-q + k-k attention, residual kept)")
+    return SclipAttention(
+        "sclip", keep_residual=True, description="SCLIP (q-q + k-k attention, residual kept)"
+    )

@@ -1,0 +1,421 @@
+"""`resclip segment`: segment photos with your own class names.
+
+For every image ``<stem>.<ext>`` three files are written to ``--out``:
+
+* ``<stem>_mask.png``: the class index of every pixel at the image's original size, as a palette
+  PNG (VOC bit-pattern colours by default; index ``i`` is the ``i``-th class given). More than 256
+  classes give a 16-bit grayscale PNG instead.
+* ``<stem>_overlay.png``: the image with the class colours blended over it (``--alpha``), at its
+  original size, with a legend of the classes present (and their pixel shares) to its right.
+* ``<stem>.json``: the image size, every class with its synonyms, colour, pixel count and share,
+  the full segmenter settings and the resclip version. No timestamps: the same input gives the same
+  bytes.
+
+Policies (all checked before the model loads, so nothing is written on a bad command line):
+
+* inputs may be files, folders (their images, sorted by name, not recursive) and quoted globs
+  (``"photos/**/*.jpg"``); a file named twice is processed once;
+* two inputs with the same stem (``a/x.jpg`` and ``b/x.png``) would write the same files: that is an
+  error naming both; give them separate ``--out`` folders;
+* existing output files are kept unless ``--overwrite``; the error names the first one found.
+
+A bad image (unreadable, truncated, too thin) among several is reported on one line, the others are
+still written, and the command exits with status 2 at the end. The model loads once and the class
+embeddings are computed once for all images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import io
+import json
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .. import __version__
+from .. import viz
+from ..palettes import PALETTES
+from ..preprocess import load_image, rescale_size
+from ..protocol import Protocol
+from ..segmenter import Segmenter
+from ..text import TEMPLATES, ClassSpec, parse_classes, read_class_file
+from ..vit import patch_size
+from .common import UserError, add_model_arguments, segmenter_from_args
+
+NAME = "segment"
+HELP = "segment images with your own class names; writes a mask PNG, an overlay and a JSON per image"
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+DEFAULTS_NOTE = """\
+Default method: NACLIP attention with RCS and SFR (= ResCLIP), the paper's strongest combination,
+with the 'default' preset: the released ADE20K settings (the most varied scenes among the
+benchmarks), i.e. short side resized to 336 px and 224-px sliding windows (stride 112), which suits
+any photo size and aspect ratio, and no background threshold: every pixel gets one of your
+classes, so add a catch-all such as 'background' or 'other' if parts of the photo match none.
+
+Images: JPEG, PNG, TIFF, BMP, WebP...; 16-bit, CMYK, RGBA (composited on white), palette and
+grayscale images are converted to RGB and EXIF orientation is applied, so masks match the photo as
+viewers show it. Images smaller than a patch are scaled up like any other; images above
+--max-megapixels are processed from a downscaled copy (the model sees a 336-px short side anyway)
+and the mask is scaled back (nearest) to the original size, which bounds memory.
+
+Classes: --classes "cat; sofa; sky, clouds" (';' or newlines between classes, ', ' between
+synonyms; the first synonym names the class) or --class-file (UTF-8, one class per line). Empty,
+duplicated and over-long class names are errors.
+
+Exit status: 0 all images written; 2 bad input (the message says which), also when some of several
+images failed (the others are written)."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+# (shared with the compare, attention and demo commands)
+
+
+@contextlib.contextmanager
+def cli_warnings(stream: TextIO | None = None) -> Iterator[None]:
+    """Show Python warnings as one ``resclip: warning: ...`` line each (no file/line noise)."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        print(f"resclip: warning: {message}", file=stream or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+def class_lines(text: str | None, path: str | None) -> tuple[list[str], str]:
+    """The class lines of ``--classes`` text or a ``--class-file``, and how to name their origin."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise UserError(f"class file not found: {path!r}")
+        return read_class_file(path), f"class file {path!r} line"
+    if text is None:
+        raise UserError("give the class names with --classes \"cat; sofa; sky, clouds\" or --class-file FILE")
+    lines = text.replace("\n", ";").split(";")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines, "--classes class"
+
+
+def validate_classes(lines: Sequence[str], where: str = "class") -> ClassSpec:
+    """Parse class lines, rejecting empty classes or synonyms and duplicated classes.
+
+    Args:
+        lines: one class per item, synonyms separated by commas.
+        where: how a message names an item, e.g. ``"class file 'x.txt' line"`` (numbered from 1).
+
+    Raises:
+        UserError: with a one-line message.
+    """
+    if not lines:
+        raise UserError("no class names given: give at least one, e.g. --classes \"cat; sofa; sky, clouds\"")
+    seen: dict[tuple[str, ...], int] = {}
+    for number, line in enumerate(lines, start=1):
+        synonyms = tuple(part.strip() for part in line.split(","))
+        if not line.strip():
+            raise UserError(f"{where} {number} is empty (classes are separated by ';' or newlines)")
+        if not all(synonyms):
+            raise UserError(f"{where} {number} ({line.strip()!r}) has an empty synonym (synonyms are "
+                            "separated by ', ')")
+        key = tuple(s.casefold() for s in synonyms)
+        if key in seen:
+            raise UserError(f"{where} {number} ({synonyms[0]!r}) repeats {where} {seen[key]}: each class "
+                            "must be listed once")
+        seen[key] = number
+    with cli_warnings():
+        try:
+            return parse_classes(list(lines))
+        except ValueError as err:
+            raise UserError(str(err)) from err
+
+
+def check_class_lengths(tokenizer: Any, spec: ClassSpec, templates: Sequence[str] = TEMPLATES) -> None:
+    """Reject class names that would not fit the text encoder's context inside the prompts.
+
+    Raises:
+        UserError: naming the first class name that is too long.
+    """
+    context = int(tokenizer(["x"]).shape[-1])
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None:  # pragma: no cover - every open_clip tokenizer of a supported model has encode
+        return
+    overhead = max(len(encode(t.replace("{}", " "))) for t in templates) + 2  # start/end tokens
+    for query in dict.fromkeys(spec.queries):
+        need = len(encode(query)) + overhead
+        if need > context:
+            short = query if len(query) <= 40 else query[:37] + "..."
+            raise UserError(f"class name {short!r} is too long: {need} tokens inside the prompts, the text "
+                            f"encoder reads at most {context}; shorten it")
+
+
+def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing file unless ``overwrite``."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{str(path)!r} exists; pass --overwrite to replace it (nothing was written)")
+    if path.exists() and path.is_dir():
+        raise UserError(f"{str(path)!r} is a folder, expected a file name")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a sibling temporary file, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """PNG encoding of ``img`` (deterministic: no timestamps)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def too_thin(h: int, w: int, protocol: Protocol, patch: int) -> str | None:
+    """Why an ``h x w`` image cannot be segmented (it stays thinner than a patch), or None."""
+    nh, nw = rescale_size(h, w, protocol.short_side, protocol.long_side)
+    if min(nh, nw) < patch:
+        return (f"image is {w}x{h} pixels: too thin to segment (resized to {nw}x{nh} it is narrower than "
+                f"one {patch}-pixel patch)")
+    return None
+
+
+def bounded_copy(rgb: np.ndarray, max_pixels: int, protocol: Protocol) -> np.ndarray:
+    """``rgb`` itself, or for an image above ``max_pixels`` a downscaled copy that is still at least
+    as large as what the model sees (the protocol's resized size)."""
+    h, w = rgb.shape[:2]
+    if h * w <= max_pixels:
+        return rgb
+    nh, nw = rescale_size(h, w, protocol.short_side, protocol.long_side)
+    scale = max(math.sqrt(max_pixels / (h * w)), nh / h, nw / w)
+    if scale >= 1.0:
+        return rgb
+    size = (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Nearest-neighbour resize of a class-index mask to ``h x w``."""
+    if mask.shape == (h, w):
+        return mask
+    out = cv2.resize(mask.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+    return out.astype(np.int64)
+
+
+def segment_array(seg: Segmenter, rgb: np.ndarray, spec: ClassSpec, emb: torch.Tensor,
+                  max_pixels: int) -> np.ndarray:
+    """The ``(H, W)`` mask of one RGB image at its own size, memory bounded by ``max_pixels``.
+
+    Raises:
+        ValueError: the image is too thin to segment.
+    """
+    h, w = rgb.shape[:2]
+    reason = too_thin(h, w, seg.protocol, patch_size(seg.engine.visual))
+    if reason:
+        raise ValueError(reason)
+    work = bounded_copy(rgb, max_pixels, seg.protocol)
+    res = seg.predict(work, spec, embeddings=emb)
+    return resize_mask(res.mask, h, w)
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def expand_inputs(items: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and globs -> image paths, in order, without repeats.
+
+    Raises:
+        UserError: a path that does not exist, a folder without images, a glob matching none.
+    """
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"folder {item!r} holds no images ({' '.join(IMAGE_SUFFIXES)})")
+        elif path.is_file():
+            found = [path]
+        elif glob.has_magic(item):
+            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(item), recursive=True)
+                           if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"no images match {item!r}")
+        else:
+            raise UserError(f"image not found: {item!r}")
+        for p in found:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image and the three files it writes."""
+
+    image: Path
+    mask: Path
+    overlay: Path
+    json: Path
+
+
+def plan_jobs(images: Sequence[Path], out: Path, overwrite: bool) -> list[Job]:
+    """Output names for every image: ``<stem>_mask.png``, ``<stem>_overlay.png``, ``<stem>.json``.
+
+    Raises:
+        UserError: two images with the same stem (compared case-insensitively, as on macOS and
+            Windows file systems), an existing output without ``overwrite``, or ``out`` is a file.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file, expected a folder")
+    owners: dict[str, Path] = {}
+    jobs = []
+    for image in images:
+        stem = image.stem
+        key = stem.casefold()
+        if key in owners:
+            raise UserError(f"{str(owners[key])!r} and {str(image)!r} would both write {stem}_mask.png: "
+                            "rename one or segment them into different --out folders")
+        owners[key] = image
+        jobs.append(Job(image, out / f"{stem}_mask.png", out / f"{stem}_overlay.png", out / f"{stem}.json"))
+    for job in jobs:
+        for path in (job.mask, job.overlay, job.json):
+            check_output(path, overwrite)
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------- outputs
+
+
+def result_record(image: Path | str, mask: np.ndarray, spec: ClassSpec, seg: Segmenter, palette: str,
+                  alpha: float, files: dict[str, str]) -> dict[str, Any]:
+    """The JSON record of one segmented image."""
+    counts = viz.pixel_counts(mask, spec.num_classes)
+    total = max(int(counts.sum()), 1)
+    colours = viz.colorize(np.arange(spec.num_classes).reshape(1, -1), palette)[0]
+    classes = []
+    for index, name in enumerate(spec.names):
+        synonyms = [q for q, c in zip(spec.queries, spec.query_to_class) if c == index]
+        classes.append({
+            "index": index,
+            "name": name,
+            "synonyms": synonyms,
+            "color": [int(v) for v in colours[index]],
+            "pixels": int(counts[index]),
+            "share": round(float(counts[index]) / total, 6),
+        })
+    return {
+        "image": str(image),
+        "width": int(mask.shape[1]),
+        "height": int(mask.shape[0]),
+        **files,
+        "mask_format": "palette" if spec.num_classes <= 256 else "uint16",
+        "classes": classes,
+        "present": [spec.names[i] for i in np.flatnonzero(counts)],
+        "settings": seg.config.to_dict(),
+        "output": {"alpha": alpha, "palette": palette},
+        "resclip_version": __version__,
+    }
+
+
+def write_outputs(job: Job, rgb: np.ndarray, mask: np.ndarray, spec: ClassSpec, seg: Segmenter,
+                  palette: str, alpha: float) -> None:
+    """Write the mask PNG, the overlay with its legend and the JSON of one image."""
+    atomic_write(job.mask, png_bytes(viz.mask_image(mask, spec.num_classes, palette)))
+    atomic_write(job.overlay, png_bytes(viz.overlay_with_legend(rgb, mask, spec.names, alpha, palette)))
+    record = result_record(job.image, mask, spec, seg, palette, alpha,
+                           {"mask": job.mask.name, "overlay": job.overlay.name})
+    atomic_write(job.json, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``resclip segment``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = DEFAULTS_NOTE
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files, folders (their images, sorted) or quoted globs ('**' recurses)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--classes", help="class names: 'cat; sofa; sky, clouds' (';' between classes, ', ' "
+                     "between synonyms)")
+    src.add_argument("--class-file", help="UTF-8 text file, one class per line, synonyms separated by ', '")
+    parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay (default: 0.5)")
+    parser.add_argument("--palette", choices=PALETTES, default="voc",
+                        help="mask colours: voc (VOC bit palette, default) or distinct (many classes)")
+    parser.add_argument("--max-megapixels", type=float, default=4.0,
+                        help="process larger images from a downscaled copy (default: 4; bounds memory)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_model_arguments(parser, default_preset="default")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Segment every image; returns 0, or 2 when some images failed."""
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if not args.max_megapixels > 0:
+        raise UserError(f"--max-megapixels must be > 0, got {args.max_megapixels}")
+    lines, where = class_lines(args.classes, args.class_file)
+    spec = validate_classes(lines, where)
+    images = expand_inputs(args.images)
+    out = Path(args.out).expanduser()
+    jobs = plan_jobs(images, out, args.overwrite)
+    with cli_warnings():
+        seg = segmenter_from_args(args)
+        check_class_lengths(seg.tokenizer, spec)
+        spec, emb = seg.encode_classes(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    return _process(jobs, seg, spec, emb, args)
+
+
+def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Tensor,
+             args: argparse.Namespace) -> int:
+    max_pixels = int(args.max_megapixels * 1e6)
+    failed: list[str] = []
+    bar = tqdm(jobs, desc="segment", unit="image", disable=True if args.quiet or len(jobs) < 2 else None)
+    for job in bar:
+        try:
+            with cli_warnings():
+                rgb = load_image(job.image)
+                mask = segment_array(seg, rgb, spec, emb, max_pixels)
+            write_outputs(job, rgb, mask, spec, seg, args.palette, args.alpha)
+        except (ValueError, OSError, RuntimeError, MemoryError, Image.DecompressionBombError) as err:
+            message = str(err) if str(job.image) in str(err) else f"{str(job.image)!r}: {err}"
+            if len(jobs) == 1:
+                raise UserError(message) from err
+            failed.append(str(job.image))
+            tqdm.write(f"resclip: error: {message}; skipped", file=sys.stderr)
+    done = len(jobs) - len(failed)
+    if failed:
+        print(f"resclip: error: {len(failed)} of {len(jobs)} images failed ({', '.join(failed)}); "
+              f"the other {done} were written to {str(args.out)!r}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(f"wrote {done} image{'s' if done != 1 else ''} to {args.out}")
+    return 0

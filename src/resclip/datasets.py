@@ -1,0 +1,374 @@
+"""Readers for the eight benchmarks, in the folder layouts MMSegmentation users already have.
+
+Labels are read exactly as MMSegmentation reads them: Pillow, no conversion (palette PNGs keep their
+indices), optional ``reduce_zero_label`` (0 -> 255, others -1, 254 -> 255), 255 = ignore. Every
+problem (missing folder or file, label values outside the class range, image/label size mismatch)
+raises an error that names the file and the expected layout; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .preprocess import load_image
+
+IGNORE_INDEX = 255
+
+
+class DatasetError(ValueError):
+    """Wrong dataset content: label values, sizes, unreadable files, unknown names."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder or file is missing."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One benchmark: where its files are and how its labels are read.
+
+    Attributes:
+        name: dataset key (``"voc21"``...), also its default preset.
+        title: the name the papers print (``"VOC21"``).
+        num_classes: classes scored by the metric (incl. background where there is one).
+        class_file: shipped class-name file (``resclip/data/class_names``).
+        reduce_zero_label: label 0 is ignored and the other labels shift down by one.
+        root_name: the folder MMSegmentation configs name as ``data_root``.
+        img_dir: image folder below the root.
+        ann_dir: label folder below the root.
+        img_suffix: image file ending.
+        seg_suffix: label file ending replacing ``img_suffix``.
+        split: split file below the root listing image ids, or None (every image in ``img_dir``).
+        background: class 0 is a background class.
+        palette: ``"voc"`` to save predictions as palette PNGs with the VOC palette, None for grey.
+    """
+
+    name: str
+    title: str
+    num_classes: int
+    class_file: str
+    reduce_zero_label: bool
+    root_name: str
+    img_dir: str
+    ann_dir: str
+    img_suffix: str
+    seg_suffix: str
+    split: str | None = None
+    background: bool = False
+    palette: str | None = None
+
+    @property
+    def default_preset(self) -> str:
+        """The preset holding the released ResCLIP settings for this dataset."""
+        return self.name
+
+    def layout(self) -> str:
+        """One line describing the expected folder layout."""
+        split = f", split file {self.split}" if self.split else ""
+        return (
+            f"{self.name} expects --root = the MMSegmentation folder {self.root_name}/ with images "
+            f"{self.img_dir}/**/*{self.img_suffix} and labels {self.ann_dir}/**/*{self.seg_suffix}{split}"
+        )
+
+
+def _voc(name: str, title: str, n: int, reduce: bool) -> DatasetSpec:
+    return DatasetSpec(name, title, n, f"{name}.txt", reduce, "VOCdevkit/VOC2012", "JPEGImages",
+                       "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt",
+                       background=not reduce, palette="voc")
+
+
+def _context(name: str, title: str, n: int, reduce: bool) -> DatasetSpec:
+    return DatasetSpec(name, title, n, f"{name}.txt", reduce, "VOCdevkit/VOC2010", "JPEGImages",
+                       "SegmentationClassContext", ".jpg", ".png", "ImageSets/SegmentationContext/val.txt",
+                       background=not reduce)
+
+
+def _coco(name: str, title: str, n: int, seg_suffix: str, background: bool) -> DatasetSpec:
+    return DatasetSpec(name, title, n, f"{name}.txt", False, "coco_stuff164k", "images/val2017",
+                       "annotations/val2017", ".jpg", seg_suffix, background=background)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    s.name: s
+    for s in (
+        _voc("voc21", "VOC21", 21, False),
+        _voc("voc20", "VOC20", 20, True),
+        _context("context60", "Context60", 60, False),
+        _context("context59", "Context59", 59, True),
+        _coco("coco_object", "COCO-Object", 81, "_instanceTrainIds.png", True),
+        _coco("coco_stuff", "COCO-Stuff", 171, "_labelTrainIds.png", False),
+        DatasetSpec("cityscapes", "Cityscapes", 19, "city_scapes.txt", False, "cityscapes", "leftImg8bit/val",
+                    "gtFine/val", "_leftImg8bit.png", "_gtFine_labelTrainIds.png"),
+        DatasetSpec("ade20k", "ADE20K", 150, "ade20k.txt", True, "ADEChallengeData2016", "images/validation",
+                    "annotations/validation", ".jpg", ".png"),
+    )
+}
+
+_ALIASES = {"coco_stuff164k": "coco_stuff", "city_scapes": "cityscapes", "ade": "ade20k", "coco_obj": "coco_object"}
+
+
+def list_datasets() -> list[str]:
+    """Names of the eight benchmarks."""
+    return list(DATASETS)
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    """Look up a benchmark by name (a few MMSeg spellings such as ``coco_stuff164k`` are accepted).
+
+    Raises:
+        DatasetError: unknown name; the message lists the valid ones.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    return DATASETS[key]
+
+
+def class_file_path(spec: DatasetSpec) -> Path:
+    """Path of the shipped class-name file of ``spec``."""
+    return Path(__file__).parent / "data" / "class_names" / spec.class_file
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image/label pair.
+
+    Attributes:
+        id: the image path below ``img_dir`` without its suffix (unique within the dataset).
+        image: image file.
+        label: ground-truth file.
+    """
+
+    id: str
+    image: Path
+    label: Path
+
+    @property
+    def stem(self) -> str:
+        """The image file's stem (predictions are saved as ``<stem>.png``)."""
+        return self.image.name[: -len(self.image.suffix)] if self.image.suffix else self.image.name
+
+
+def _require_dir(path: Path, spec: DatasetSpec, root: Path) -> None:
+    if path.is_dir():
+        return
+    hint = ""
+    for guess in (root / spec.root_name, root / "ade" / spec.root_name):
+        if (guess / spec.img_dir).is_dir():
+            hint = f"; did you mean --root {guess}?"
+            break
+    raise DatasetNotFoundError(f"folder {str(path)!r} not found; {spec.layout()}{hint}")
+
+
+def list_samples(spec: DatasetSpec, root: str | os.PathLike[str], limit: int | None = None) -> list[Sample]:
+    """List the validation pairs of a benchmark, in MMSegmentation's order.
+
+    With a split file its order is kept; otherwise images are found recursively and sorted by path.
+
+    Args:
+        spec: the benchmark.
+        root: its MMSegmentation folder (``VOCdevkit/VOC2012``, ``coco_stuff164k``...).
+        limit: keep only the first ``limit`` pairs.
+
+    Raises:
+        DatasetNotFoundError: the root, a folder, the split file, a listed image or a label is missing.
+        DatasetError: no images found, or ``limit < 1``.
+    """
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DatasetNotFoundError(f"dataset root {str(base)!r} does not exist; {spec.layout()}")
+    img_dir, ann_dir = base / spec.img_dir, base / spec.ann_dir
+    _require_dir(img_dir, spec, base)
+    _require_dir(ann_dir, spec, base)
+    if spec.split is not None:
+        split = base / spec.split
+        if not split.is_file():
+            raise DatasetNotFoundError(f"split file {str(split)!r} not found; {spec.layout()}")
+        ids = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+        for i in ids:
+            if not (img_dir / f"{i}{spec.img_suffix}").is_file():
+                raise DatasetNotFoundError(
+                    f"image {str(img_dir / (i + spec.img_suffix))!r} listed in {str(split)!r} not found; "
+                    f"{spec.layout()}"
+                )
+    else:
+        found = sorted(p.relative_to(img_dir).as_posix() for p in img_dir.rglob(f"*{spec.img_suffix}"))
+        ids = [p[: -len(spec.img_suffix)] for p in found]
+    if not ids:
+        raise DatasetError(f"no images *{spec.img_suffix} found under {str(img_dir)!r}; {spec.layout()}")
+    if limit is not None:
+        if limit < 1:
+            raise DatasetError(f"limit must be >= 1, got {limit}")
+        ids = ids[:limit]
+    samples = [Sample(i, img_dir / f"{i}{spec.img_suffix}", ann_dir / f"{i}{spec.seg_suffix}") for i in ids]
+    missing = [s for s in samples if not s.label.is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"missing label for {len(missing)} of {len(samples)} images, first: image {str(missing[0].image)!r} "
+            f"has no {str(missing[0].label)!r}; {spec.layout()}"
+        )
+    return samples
+
+
+def read_label(path: str | os.PathLike[str], spec: DatasetSpec) -> np.ndarray:
+    """Read a ground-truth map as the benchmark scores it.
+
+    Args:
+        path: label PNG (palette or 8-bit grey; palette indices are used as they are).
+        spec: the benchmark (for ``reduce_zero_label`` and the class range).
+
+    Returns:
+        ``(H, W)`` uint8 class indices in ``[0, num_classes)``, 255 = ignore.
+
+    Raises:
+        DatasetError: unreadable file, colour image, or values outside the class range (not 255).
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except (OSError, SyntaxError) as err:
+        raise DatasetError(f"could not read label {os.fspath(path)!r}: {err}") from err
+    if arr.ndim != 2:
+        raise DatasetError(
+            f"label {os.fspath(path)!r} is a {mode} colour image; expected one class index per pixel "
+            f"(palette or 8-bit grey PNG, as MMSegmentation's converters write); {spec.layout()}"
+        )
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise DatasetError(f"label {os.fspath(path)!r} has values outside 0..255 (mode {mode})")
+        arr = arr.astype(np.uint8)
+    label = reduce_zero_label(arr) if spec.reduce_zero_label else arr.copy()
+    check_label_values(label, spec, path)
+    return label
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """MMSegmentation's ``reduce_zero_label``: 0 -> 255, others -1, 254 -> 255. ``(H, W)`` uint8."""
+    out = label.astype(np.int16)
+    out[out == 0] = 256
+    out -= 1
+    out[out == 254] = IGNORE_INDEX
+    return out.astype(np.uint8)
+
+
+def check_label_values(label: np.ndarray, spec: DatasetSpec, path: str | os.PathLike[str]) -> None:
+    """Raise :class:`DatasetError` if ``label`` holds values other than ``0..num_classes-1`` and 255."""
+    counts = np.bincount(label.ravel(), minlength=256)
+    counts[IGNORE_INDEX] = 0
+    bad = np.flatnonzero(counts[spec.num_classes :]) + spec.num_classes
+    if bad.size:
+        note = " after reduce_zero_label" if spec.reduce_zero_label else ""
+        raise DatasetError(
+            f"label {os.fspath(path)!r} has values {bad[:8].tolist()} outside the {spec.num_classes} classes "
+            f"of {spec.name} (0..{spec.num_classes - 1}, 255 = ignore){note}; is this the right dataset "
+            "and label folder?"
+        )
+
+
+def load_pair(sample: Sample, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Read one pair: ``(H, W, 3)`` uint8 RGB image and ``(H, W)`` uint8 label.
+
+    Raises:
+        DatasetError: unreadable files, bad label values, or image and label of different sizes.
+    """
+    try:
+        rgb = load_image(sample.image)
+    except ValueError as err:
+        raise DatasetError(str(err)) from err
+    label = read_label(sample.label, spec)
+    if rgb.shape[:2] != label.shape:
+        raise DatasetError(
+            f"image {str(sample.image)!r} is {rgb.shape[1]}x{rgb.shape[0]} but its label {str(sample.label)!r} "
+            f"is {label.shape[1]}x{label.shape[0]}; labels must have the image's size"
+        )
+    return rgb, label
+
+
+@dataclass
+class LoadedSample:
+    """What a loader worker hands to the model: the pair, or the error that prevented reading it."""
+
+    index: int
+    sample: Sample
+    image: np.ndarray | None = None
+    label: np.ndarray | None = None
+    error: str | None = None
+
+
+class BenchmarkImages(torch.utils.data.Dataset):
+    """Decodes pairs (for a :class:`torch.utils.data.DataLoader` with worker processes).
+
+    Errors are returned, not raised, so the main process can report them in one clear line.
+    """
+
+    def __init__(self, samples: Sequence[Sample], spec: DatasetSpec, indices: Sequence[int] | None = None) -> None:
+        self.samples = list(samples)
+        self.indices = list(indices) if indices is not None else list(range(len(self.samples)))
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> LoadedSample:
+        sample = self.samples[i]
+        try:
+            rgb, label = load_pair(sample, self.spec)
+        except (DatasetError, DatasetNotFoundError) as err:
+            return LoadedSample(self.indices[i], sample, error=str(err))
+        return LoadedSample(self.indices[i], sample, rgb, label)
+
+
+def identity_collate(item: LoadedSample) -> LoadedSample:
+    """Collate function for ``batch_size=None`` loaders: keep the sample as it is."""
+    return item
+
+
+def voc_palette() -> list[int]:
+    """The standard PASCAL VOC colour map (256 RGB triplets, flattened)."""
+    out: list[int] = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= (c & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        out += [r, g, b]
+    return out
+
+
+def to_label_convention(mask: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """Predicted class indices ``(H, W)`` -> uint8 values as in the dataset's label files (undo reduce_zero_label)."""
+    values = mask.astype(np.int64) + (1 if spec.reduce_zero_label else 0)
+    if values.size and (values.min() < 0 or values.max() > 254):
+        raise ValueError(f"predicted classes out of range for a PNG label: {values.min()}..{values.max()}")
+    return values.astype(np.uint8)
+
+
+def save_prediction(mask: np.ndarray, path: str | os.PathLike[str], spec: DatasetSpec) -> None:
+    """Write a prediction PNG holding the same values a ground-truth file would.
+
+    Args:
+        mask: ``(H, W)`` predicted class indices in ``[0, num_classes)``.
+        path: output ``.png``; written atomically (temporary file, then rename).
+        spec: the benchmark (``+1`` for reduce-zero-label datasets; VOC palette for VOC).
+    """
+    img = Image.fromarray(to_label_convention(mask, spec))  # 2-D uint8 -> mode "L"
+    if spec.palette == "voc":
+        img.putpalette(voc_palette())  # "L" -> "P", indices unchanged
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, out)

@@ -1,0 +1,176 @@
+"""Every registered method passes the same contract, with and without RCS and SFR."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import resclip
+from resclip.engine import DenseEngine
+from resclip.methods import get_method
+from resclip.rcs import RCSConfig
+from resclip.sfr import SFRConfig
+from resclip.vit import encode_trunk, run_block
+
+CLASSES = ["sky, wall", "cat", "person, man, woman", "tree"]
+SMALL = {"short_side": 96, "slide_crop": 64, "slide_stride": 32, "rcs_layers": (2, 3)}
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = np.zeros((60, 90, 3), dtype=np.uint8)
+    img[:, :45] = (200, 40, 40)
+    img[:, 45:] = (30, 90, 220)
+    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def _seg(ckpt, method, rcs, sfr, **kw):
+    settings = {**SMALL, **kw}
+    return resclip.create_segmenter(
+        method=method, rcs=rcs, sfr=sfr, preset="ade20k", pretrained=str(ckpt), text_cache=False, **settings
+    )
+
+
+COMBOS = list(itertools.product(resclip.list_methods(), [False, True], [False, True]))
+
+
+@pytest.mark.parametrize(("method", "rcs", "sfr"), COMBOS)
+def test_contract(tiny_ckpt, image, method, rcs, sfr):
+    if method == "maskclip" and sfr:
+        with pytest.raises(ValueError, match="identity attention"):
+            _seg(tiny_ckpt, method, rcs, sfr)
+        return
+    seg = _seg(tiny_ckpt, method, rcs, sfr)
+    res = seg.predict(image, CLASSES)
+    assert res.mask.shape == image.shape[:2] and res.mask.dtype == np.int64
+    assert res.mask.min() >= 0 and res.mask.max() < len(CLASSES)
+    assert res.probs.shape == (len(CLASSES), *image.shape[:2])
+    assert np.isfinite(res.probs).all()
+    np.testing.assert_allclose(res.probs.sum(axis=0), 1.0, atol=1e-5)
+    assert res.class_names == ["sky", "cat", "person", "tree"]
+    again = seg.predict(image, CLASSES)
+    assert np.array_equal(res.mask, again.mask) and np.array_equal(res.probs, again.probs)
+
+
+# maskclip + SFR is rejected (it has no attention scores); test_contract checks the message
+MODULE_CASES = [
+    (m, mod) for m in resclip.list_methods() for mod in ("rcs", "sfr") if (m, mod) != ("maskclip", "sfr")
+]
+
+
+@pytest.mark.parametrize(("method", "module"), MODULE_CASES)
+def test_each_module_really_changes_the_output(tiny_ckpt, image, method, module):
+    base = _seg(tiny_ckpt, method, False, False).predict(image, CLASSES)
+    on = _seg(tiny_ckpt, method, module == "rcs", module == "sfr").predict(image, CLASSES)
+    assert np.abs(on.logits - base.logits).max() > 1e-4
+
+
+def _engine_logits(model_visual, method, rcs=None, sfr=None, x=None, text=None):
+    eng = DenseEngine(model_visual, get_method(method), rcs, sfr)
+    q2c = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    aux: dict = {}
+    return eng.window_logits(x, text, q2c, aux), aux
+
+
+@pytest.fixture(scope="module")
+def tiny_visual(tiny_ckpt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from resclip.clip import load_clip
+
+        return load_clip(None, str(tiny_ckpt)).model.visual
+
+
+@pytest.fixture(scope="module")
+def window_inputs():
+    torch.manual_seed(3)
+    return torch.randn(2, 3, 64, 80), torch.nn.functional.normalize(torch.randn(7, 32), dim=-1)
+
+
+@pytest.mark.parametrize("method", ["clip", "sclip", "clearclip", "naclip", "maskclip"])
+def test_rcs_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, method):
+    x, text = window_inputs
+    base, _ = _engine_logits(tiny_visual, method, x=x, text=text)
+    zero, _ = _engine_logits(
+        tiny_visual, method, rcs=RCSConfig(lam=0.0, tau=1.0, layers=(2, 3)), x=x, text=text
+    )
+    assert torch.equal(base, zero)
+
+
+@pytest.mark.parametrize("method", ["clip", "sclip", "clearclip", "naclip"])
+@pytest.mark.parametrize("official", [False, True])
+def test_sfr_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, method, official):
+    x, text = window_inputs
+    base, _ = _engine_logits(tiny_visual, method, x=x, text=text)
+    sfr = SFRConfig(
+        lam=0.0,
+        tau=1.0,
+        fp16_scores=official,
+        bias_after_mix=official,
+        normalise=official,
+        path="line" if official else "connected",
+    )
+    zero, _ = _engine_logits(tiny_visual, method, sfr=sfr, x=x, text=text)
+    assert torch.equal(base, zero)
+
+
+def test_rcs_layer_range_is_honoured(tiny_visual, window_inputs):
+    x, text = window_inputs
+    _, aux = _engine_logits(
+        tiny_visual, "naclip", rcs=RCSConfig(lam=0.5, tau=1.0, layers=(1, 3)), x=x, text=text
+    )
+    # recompute the q-k attention of blocks 1 and 3 (1-based) by hand and average
+    trunk = encode_trunk(tiny_visual, x)
+    from resclip.vit import embed_patches
+
+    y, _ = embed_patches(tiny_visual, x)
+    maps = []
+    for block in tiny_visual.transformer.resblocks[:-1]:
+        y, attn = run_block(block, y, keep_attn=True)
+        maps.append(attn)
+    torch.testing.assert_close(aux["rcs_attn"], (maps[0] + maps[2]) / 2)
+    torch.testing.assert_close(trunk.x, y)
+    other, _ = _engine_logits(
+        tiny_visual, "naclip", rcs=RCSConfig(lam=0.5, tau=1.0, layers=(2, 3)), x=x, text=text
+    )
+    first, _ = _engine_logits(
+        tiny_visual, "naclip", rcs=RCSConfig(lam=0.5, tau=1.0, layers=(1, 3)), x=x, text=text
+    )
+    assert not torch.equal(first, other)
+
+
+def test_rcs_layers_must_precede_the_last_block(tiny_ckpt):
+    with pytest.raises(ValueError, match=r"must lie in 1\.\.3"):
+        _seg(tiny_ckpt, "naclip", True, False, rcs_layers=(3, 4))
+
+
+def test_sfr_with_one_label_everywhere_has_no_decay(tiny_visual, window_inputs):
+    """A single region: every path is valid, so Ŝ is the smoothed all-ones matrix."""
+    from resclip.sfr import refinement_scores, smooth_rows
+
+    labels = torch.zeros(1, 4, 5, dtype=torch.long)
+    for path in ("line", "connected"):
+        aux: dict = {}
+        out = refinement_scores(labels, SFRConfig(path=path), aux)
+        assert aux["sfr_valid_path"].all()
+        torch.testing.assert_close(out[0, 1:, 1:], smooth_rows(torch.ones(1, 20, 20), 5.0)[0])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_on_cpu_is_finite_and_close(tiny_ckpt, image, precision):
+    ref = _seg(tiny_ckpt, "naclip", True, True).predict(image, CLASSES)
+    low = resclip.create_segmenter(
+        method="naclip",
+        preset="ade20k",
+        pretrained=str(tiny_ckpt),
+        text_cache=False,
+        precision=precision,
+        **SMALL,
+    ).predict(image, CLASSES)
+    assert np.isfinite(low.probs).all()
+    assert np.abs(low.probs - ref.probs).mean() < 0.05

@@ -1,0 +1,86 @@
+"""Presets encode the released per-dataset settings (reference protocol, section 4.2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from resclip.factory import apply_overrides, valid_overrides
+from resclip.presets import DATASETS, get_preset, list_presets, to_fidelity
+
+# dataset: short side, slide crop, prob_thd, temp_thd, (tau_rcs, lam_rcs), (tau_sfr, lam_sfr)
+RELEASED = {
+    "voc21": (336, 0, 0.1, 0.50, (2.0, 0.3), (2.2, 0.7)),
+    "context60": (336, 224, 0.1, 0.30, (2.0, 0.3), (1.8, 0.7)),
+    "coco_object": (336, 224, 0.1, 0.11, (2.0, 0.4), (1.8, 0.7)),
+    "voc20": (336, 0, 0.0, 0.10, (2.0, 0.6), (2.1, 0.6)),
+    "cityscapes": (560, 224, 0.0, 0.10, (2.0, 0.2), (2.1, 0.6)),
+    "context59": (336, 224, 0.0, 0.25, (2.0, 0.4), (1.8, 0.7)),
+    "ade20k": (336, 224, 0.0, 0.25, (2.0, 0.3), (2.1, 0.7)),
+    "coco_stuff": (336, 224, 0.0, 0.11, (2.0, 0.4), (1.8, 0.7)),
+}
+
+
+@pytest.mark.parametrize("ds", DATASETS)
+def test_released_settings(ds):
+    short, crop, prob, temp, rcs, sfr = RELEASED[ds]
+    p = get_preset(ds)
+    alias = get_preset(f"resclip/{ds}")
+    assert (alias.protocol, alias.rcs, alias.sfr) == (p.protocol, p.rcs, p.sfr) and p.dataset == ds
+    assert (p.protocol.short_side, p.protocol.slide_crop, p.protocol.prob_thd) == (short, crop, prob)
+    assert (p.protocol.logit_scale, p.protocol.pamr_steps, p.protocol.area_thd) == (40.0, 0, None)
+    assert p.sfr.confidence_thd == temp and (p.rcs.tau, p.rcs.lam) == rcs and (p.sfr.tau, p.sfr.lam) == sfr
+    assert p.rcs.layers == (6, 7, 8, 9)
+    assert p.sfr.first_pass_pamr_steps == 10 and p.sfr.label_level == "query" and p.sfr.path == "line"
+    assert p.sfr.fp16_scores and p.sfr.bias_after_mix and p.fidelity == "official"
+
+
+def test_baseline_repository_protocols():
+    s = get_preset("sclip/voc21").protocol
+    assert (s.logit_scale, s.prob_thd, s.area_thd, s.slide_crop) == (65.0, 0.1, 0.1, 224)
+    assert get_preset("sclip/coco_stuff").protocol.short_side == 448
+    assert get_preset("sclip/context60").protocol.logit_scale == 50.0
+    n = get_preset("naclip/voc21").protocol
+    assert (n.pamr_steps, n.slide_crop, n.prob_thd) == (10, 0, 0.1)
+    c = get_preset("clearclip/voc21").protocol
+    assert (c.short_side, c.slide_crop, c.slide_stride, c.logit_scale, c.prob_thd) == (
+        448,
+        448,
+        224,
+        50.0,
+        0.5,
+    )
+    city = get_preset("clearclip/cityscapes").protocol
+    assert (city.short_side, city.slide_crop, city.slide_stride) == (448, 224, 224)
+
+
+def test_paper_presets_and_fidelity_switch():
+    p = get_preset("paper/voc21")
+    assert p.fidelity == "paper" and p.protocol.slide_crop == 224
+    assert (p.rcs.lam, p.rcs.tau, p.sfr.lam, p.sfr.tau) == (0.5, 1.0, 0.7, 1.0)
+    assert p.sfr.path == "connected" and p.sfr.label_level == "class" and p.sfr.first_pass_pamr_steps == 0
+    assert not p.sfr.fp16_scores and not p.sfr.normalise
+    official = to_fidelity(get_preset("voc20"), "paper")
+    assert official.protocol == get_preset("voc20").protocol and official.sfr.lam == 0.6
+    back = to_fidelity(official, "official")
+    assert back.sfr == get_preset("voc20").sfr and back.rcs == get_preset("voc20").rcs
+
+
+def test_list_and_unknown():
+    names = list_presets()
+    assert "default" in names and "voc21" in names and "clearclip/ade20k" in names and len(names) == 8 * 6 + 1
+    with pytest.raises(ValueError, match="unknown preset 'voc22'; valid: 'default', a dataset"):
+        get_preset("voc22")
+
+
+def test_overrides():
+    p = apply_overrides(
+        get_preset("voc21"),
+        {"prob_thd": 0.3, "lambda_rcs": 0.5, "temp_thd": 0.2, "rcs_layers": [1, 2], "sfr_path": "connected"},
+    )
+    assert p.protocol.prob_thd == 0.3 and p.rcs.lam == 0.5 and p.rcs.layers == (1, 2)
+    assert p.sfr.confidence_thd == 0.2 and p.sfr.path == "connected"
+    with pytest.raises(TypeError, match=r"unknown setting 'prob_threshold'; valid settings: .*prob_thd"):
+        apply_overrides(get_preset("voc21"), {"prob_threshold": 0.3})
+    with pytest.raises(ValueError, match="prob_thd must be in"):
+        apply_overrides(get_preset("voc21"), {"prob_thd": 2})
+    assert "slide_crop" in valid_overrides() and "lambda_sfr" in valid_overrides()
