@@ -63,8 +63,9 @@ def golden_models(golden_ckpt_b16: Path, golden_ckpt_b32: Path) -> dict[str, tor
 TINY_CFG = {
     "embed_dim": 32,
     "quick_gelu": True,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "head_width": 32, "patch_size": 16},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    # widths are multiples of 64 so that the architecture is inferable from a checkpoint's shapes alone
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
 }
 
 

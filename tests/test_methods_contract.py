@@ -47,7 +47,7 @@ def test_contract(tiny_ckpt, image, method, rcs, sfr):
         return
     seg = _seg(tiny_ckpt, method, rcs, sfr)
     res = seg.predict(image, CLASSES)
-    assert res.mask.shape == image.shape[:2] and res.mask.dtype == np.int64
+    assert res.mask.shape == image.shape[:2] and res.mask.dtype == np.uint8
     assert res.mask.min() >= 0 and res.mask.max() < len(CLASSES)
     assert res.probs.shape == (len(CLASSES), *image.shape[:2])
     assert np.isfinite(res.probs).all()

@@ -96,10 +96,9 @@ def test_full_image_parity(golden, golden_ckpt_b16, prefix, method, modules, pre
     got = res.probs.reshape(res.probs.shape[0], -1)[:, fidx]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
-    x = seg.resized_input(image)
-    full = seg.final_logits(torch.from_numpy(res.logits), x, image.shape[:2])
+    full = res.full.logits_full()
     np.testing.assert_allclose(
-        full.reshape(full.shape[0], -1)[:, fidx].numpy(),
+        full.reshape(full.shape[0], -1)[:, fidx],
         golden[f"{prefix}__final_logits_samples"],
         atol=1e-5,
         rtol=0,

@@ -45,15 +45,24 @@ def pamr_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor
 
 
 def pamr(
-    image: torch.Tensor, mask: torch.Tensor, steps: int, dilations: Sequence[int] = (8, 16)
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    dilations: Sequence[int] = (8, 16),
+    channel_chunk: int = 4,
 ) -> torch.Tensor:
     """Refine ``mask`` with ``steps`` PAMR iterations guided by ``image``.
+
+    Channels are independent, so they are refined a few at a time: all iterations of a chunk
+    then stay in cache (several times faster on CPU than sweeping every channel per iteration);
+    the arithmetic of each element is unchanged.
 
     Args:
         image: ``(B, K, H, W)`` float guide image.
         mask: ``(B, C, H, W)`` float scores at the image's size.
         steps: number of iterations (0 returns ``mask``).
         dilations: neighbour distances (the baselines use (8, 16)).
+        channel_chunk: channels refined together.
 
     Returns:
         ``(B, C, H, W)`` refined scores in the dtype of ``mask``.
@@ -64,17 +73,22 @@ def pamr(
         raise ValueError(
             f"PAMR image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ"
         )
-    dtype = mask.dtype
     aff = pamr_affinity(image.float(), dilations)
-    out = mask.float()
-    h, w = out.shape[-2:]
-    for _ in range(steps):
-        acc = torch.zeros_like(out)
-        n = 0
-        for d in dilations:
-            padded = F.pad(out, [d] * 4, mode="replicate")
-            for dy, dx in _NEIGHBOURS:
-                acc += _shift(padded, d, dy * d, dx * d, h, w) * aff[:, n : n + 1]
-                n += 1
-        out = acc
-    return out.to(dtype)
+    h, w = mask.shape[-2:]
+    pad = max(dilations)
+    offsets = [(pad + dy * d, pad + dx * d) for d in dilations for dy, dx in _NEIGHBOURS]
+    step = max(1, channel_chunk)
+    out = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+    for start in range(0, mask.shape[1], step):
+        part = mask[:, start : start + step].float()
+        term = torch.empty_like(part)
+        for _ in range(steps):
+            # one replicate pad serves every dilation: the clamped coordinates are the same
+            padded = F.pad(part, [pad] * 4, mode="replicate")
+            acc = torch.zeros_like(part)
+            for n, (oy, ox) in enumerate(offsets):
+                torch.mul(padded[..., oy : oy + h, ox : ox + w], aff[:, n : n + 1], out=term)
+                acc += term
+            part = acc
+        out[:, start : start + step] = part
+    return out.to(mask.dtype)

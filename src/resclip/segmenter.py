@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,30 +13,48 @@ import torch
 import torch.nn.functional as F
 
 from .engine import DenseEngine
-from .pamr import pamr
+from .fullres import FullResolution
 from .preprocess import ImageInput, load_image, normalise, resize_image, window_coords
-from .protocol import Protocol, class_probabilities, predict_mask, renormalise
+from .protocol import Protocol
 from .rcs import RCSConfig
 from .sfr import SFRConfig
 from .text import ClassSpec, EmbeddingCache, check_embeddings, parse_classes, query_embeddings
 
 
-@dataclass
 class SegResult:
     """Segmentation of one image.
 
     Attributes:
-        mask: ``(H, W)`` int64 class indices at the original image size.
-        probs: ``(C, H, W)`` float32 class probabilities (max over synonyms, renormalised to
-            sum to 1 over classes).
+        mask: ``(H, W)`` class indices at the original image size (uint8 up to 256 classes,
+            see :func:`resclip.fullres.mask_dtype`).
         class_names: the ``C`` class names (first synonym of each class line).
         logits: ``(Q, h1, w1)`` float32 query logits at the resized resolution (window average).
+        full: the band-wise full-resolution computation (``full.class_prob_rows(a, b)`` gives
+            one band of probabilities without building the whole map).
     """
 
-    mask: np.ndarray
-    probs: np.ndarray
-    class_names: list[str]
-    logits: np.ndarray
+    def __init__(self, mask: np.ndarray, class_names: list[str], logits: np.ndarray, full: FullResolution):
+        self.mask = mask
+        self.class_names = class_names
+        self.logits = logits
+        self.full = full
+        self._probs: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def probs(self) -> np.ndarray:
+        """``(C, H, W)`` float32 class probabilities (max over synonyms, renormalised to sum to 1).
+
+        Computed on first access (it is ``C * H * W * 4`` bytes: use ``full.class_prob_rows`` for
+        huge images).
+        """
+        with self._lock:
+            if self._probs is None:
+                self._probs = self.full.probs()
+            return self._probs
+
+    def __repr__(self) -> str:
+        return f"SegResult(mask={self.mask.shape}, classes={self.class_names})"
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,7 @@ class Segmenter:
         window_batch: int = 8,
         text_cache: EmbeddingCache | None = None,
         fingerprint: str = "",
+        band_budget: int = 1 << 24,
     ) -> None:
         if window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
@@ -85,6 +105,7 @@ class Segmenter:
         self.window_batch = window_batch
         self.text_cache = text_cache
         self.fingerprint = fingerprint
+        self.band_budget = band_budget
 
     # ------------------------------------------------------------------ text
     @property
@@ -170,31 +191,21 @@ class Segmenter:
         q2c = torch.tensor(spec.query_to_class, dtype=torch.int64, device=self.device)
         x = self.resized_input(rgb)
         logits = self.image_logits(x, text, q2c)
-        mask, probs = self.postprocess(logits, x, q2c, rgb.shape[:2])
+        full = self.full_resolution(logits, x, q2c, rgb.shape[:2])
         return SegResult(
-            mask=mask.cpu().numpy(),
-            probs=probs.cpu().numpy(),
-            class_names=list(spec.names),
-            logits=logits.cpu().numpy(),
+            mask=full.mask(), class_names=list(spec.names), logits=logits.cpu().numpy(), full=full
         )
 
-    def postprocess(
+    def full_resolution(
         self, logits: torch.Tensor, x: torch.Tensor, query_to_class: torch.Tensor, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upsample to the original size, optional PAMR, class probabilities and mask.
+    ) -> FullResolution:
+        """Band-wise upsampling (+ PAMR if the protocol asks) and post-processing of ``logits``.
 
-        Returns:
-            ``(H, W)`` int64 mask and ``(C, H, W)`` renormalised class probabilities.
+        Args:
+            logits: ``(Q, h1, w1)`` window-averaged logits; x: ``(1, 3, h1, w1)`` the resized input.
+            size: the original ``(H, W)``.
         """
-        full = self.final_logits(logits, x, size)
-        class_probs = class_probabilities(full, query_to_class, self.protocol.logit_scale)
-        mask, class_probs = predict_mask(class_probs, self.protocol.prob_thd, self.protocol.area_thd)
-        return mask, renormalise(class_probs)
-
-    def final_logits(self, logits: torch.Tensor, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """``(Q, h1, w1)`` -> ``(Q, H, W)`` bilinear, then PAMR if the protocol asks for it."""
-        full = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)
-        if self.protocol.pamr_steps > 0:
-            guide = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            full = pamr(guide, full, self.protocol.pamr_steps, self.protocol.pamr_dilations)
-        return full[0]
+        return FullResolution(
+            logits.float(), x if self.protocol.pamr_steps > 0 else None, query_to_class, self.protocol, size,
+            budget=self.band_budget,
+        )

@@ -41,6 +41,11 @@ def _check_mask(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+def rgb(colour: Sequence[int] | np.ndarray) -> Color:
+    """A palette row as a plain ``(r, g, b)`` tuple of ints."""
+    return int(colour[0]), int(colour[1]), int(colour[2])
+
+
 def colorize(mask: np.ndarray, palette: PaletteLike = "voc") -> np.ndarray:
     """``(H, W)`` class indices -> ``(H, W, 3)`` uint8 colours."""
     mask = _check_mask(mask)
@@ -68,7 +73,8 @@ def mask_image(mask: np.ndarray, num_classes: int, palette: PaletteLike = "voc")
     return img
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, palette: PaletteLike = "voc") -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5,
+            palette: PaletteLike = "voc") -> np.ndarray:
     """Blend class colours over an image: ``(1 - alpha) * image + alpha * colour``.
 
     Args:
@@ -84,7 +90,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, palette: Pa
     image = np.asarray(image)
     mask = _check_mask(mask)
     if image.shape[:2] != mask.shape or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image {image.shape} and mask {mask.shape} sizes differ (need (H, W, 3) and (H, W))")
+        raise ValueError(f"image {image.shape} and mask {mask.shape} sizes differ "
+                         "(need (H, W, 3) and (H, W))")
     colours = colorize(mask, palette).astype(np.float32)
     out = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
@@ -144,7 +151,7 @@ def legend(entries: Sequence[tuple[str, Color]], font_size: int = 16, max_height
     if title:
         draw.text((pad, pad), title, fill=_TEXT, font=fnt)
     x = pad
-    for col, col_w in zip(columns, widths):
+    for col, col_w in zip(columns, widths, strict=True):
         for i, (label, colour) in enumerate(col):
             y = pad + title_h + i * row
             box = (x, y + (row - font_size) // 2, x + font_size, y + (row - font_size) // 2 + font_size)
@@ -172,9 +179,9 @@ def present_entries(mask: np.ndarray, names: Sequence[str], palette: PaletteLike
     table = _palette(palette, len(names))
     total = max(int(counts.sum()), 1)
     out = []
-    for index in np.flatnonzero(counts):
+    for index in np.flatnonzero(counts).tolist():
         label = names[index] + (f" ({100.0 * counts[index] / total:.1f}%)" if with_share else "")
-        out.append((label, (int(table[index][0]), int(table[index][1]), int(table[index][2]))))
+        out.append((label, rgb(table[index])))
     return out
 
 
@@ -192,7 +199,10 @@ def overlay_with_legend(image: np.ndarray, mask: np.ndarray, names: Sequence[str
 def fit_height(picture: np.ndarray | Image.Image, height: int, nearest: bool = False) -> Image.Image:
     """Scale a picture to ``height`` pixels, keeping its aspect ratio (nearest-neighbour for masks,
     bilinear with antialiasing for photos)."""
-    img = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture, dtype=np.uint8))
+    if isinstance(picture, Image.Image):
+        img = picture
+    else:
+        img = Image.fromarray(np.asarray(picture, dtype=np.uint8))
     w = max(1, round(img.width * height / img.height))
     if img.size == (w, height):
         return img.convert("RGB")

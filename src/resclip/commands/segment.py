@@ -33,12 +33,13 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import cv2
 import numpy as np
@@ -46,8 +47,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import __version__
-from .. import viz
+from .. import __version__, viz
 from ..palettes import PALETTES
 from ..preprocess import load_image, rescale_size
 from ..protocol import Protocol
@@ -71,8 +71,9 @@ classes, so add a catch-all such as 'background' or 'other' if parts of the phot
 Images: JPEG, PNG, TIFF, BMP, WebP...; 16-bit, CMYK, RGBA (composited on white), palette and
 grayscale images are converted to RGB and EXIF orientation is applied, so masks match the photo as
 viewers show it. Images smaller than a patch are scaled up like any other; images above
---max-megapixels are processed from a downscaled copy (the model sees a 336-px short side anyway)
-and the mask is scaled back (nearest) to the original size, which bounds memory.
+--max-megapixels are processed from a downscaled copy, never smaller than what the model sees
+(the preset's 336-px short side), and the mask is scaled back (nearest) to the original size,
+which bounds memory.
 
 Classes: --classes "cat; sofa; sky, clouds" (';' or newlines between classes, ', ' between
 synonyms; the first synonym names the class) or --class-file (UTF-8, one class per line). Empty,
@@ -95,7 +96,6 @@ def cli_warnings(stream: TextIO | None = None) -> Iterator[None]:
         print(f"resclip: warning: {message}", file=stream or sys.stderr)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
         warnings.showwarning = show
         yield
 
@@ -184,10 +184,17 @@ def atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def png_bytes(img: Image.Image) -> bytes:
-    """PNG encoding of ``img`` (deterministic: no timestamps)."""
+def image_bytes(img: Image.Image, suffix: str = ".png") -> bytes:
+    """``img`` encoded for a file extension (PNG is deterministic: no timestamps).
+
+    Raises:
+        UserError: an extension Pillow cannot write.
+    """
+    fmt = Image.registered_extensions().get(suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UserError(f"cannot write {suffix!r} pictures; use .png")
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.convert("RGB").save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     return buf.getvalue()
 
 
@@ -234,7 +241,7 @@ def segment_array(seg: Segmenter, rgb: np.ndarray, spec: ClassSpec, emb: torch.T
     if reason:
         raise ValueError(reason)
     work = bounded_copy(rgb, max_pixels, seg.protocol)
-    res = seg.predict(work, spec, embeddings=emb)
+    res = seg.predict(work, cast(Any, spec), embeddings=emb)  # a ClassSpec is parsed as is
     return resize_mask(res.mask, h, w)
 
 
@@ -318,7 +325,7 @@ def result_record(image: Path | str, mask: np.ndarray, spec: ClassSpec, seg: Seg
     colours = viz.colorize(np.arange(spec.num_classes).reshape(1, -1), palette)[0]
     classes = []
     for index, name in enumerate(spec.names):
-        synonyms = [q for q, c in zip(spec.queries, spec.query_to_class) if c == index]
+        synonyms = [q for q, c in zip(spec.queries, spec.query_to_class, strict=True) if c == index]
         classes.append({
             "index": index,
             "name": name,
@@ -341,14 +348,25 @@ def result_record(image: Path | str, mask: np.ndarray, spec: ClassSpec, seg: Seg
     }
 
 
+def json_text(record: dict[str, Any]) -> str:
+    """Indented JSON with lists of plain values kept on one line (``"color": [0, 128, 0]``)."""
+
+    def flat(match: re.Match[str]) -> str:
+        return re.sub(r"\n\s*", "", match.group(0).replace(",\n", ", \n"))
+
+    return re.sub(r"\[[^\[\]{}]*\]", flat, json.dumps(record, indent=2, ensure_ascii=False))
+
+
 def write_outputs(job: Job, rgb: np.ndarray, mask: np.ndarray, spec: ClassSpec, seg: Segmenter,
                   palette: str, alpha: float) -> None:
     """Write the mask PNG, the overlay with its legend and the JSON of one image."""
-    atomic_write(job.mask, png_bytes(viz.mask_image(mask, spec.num_classes, palette)))
-    atomic_write(job.overlay, png_bytes(viz.overlay_with_legend(rgb, mask, spec.names, alpha, palette)))
+    mask_png = io.BytesIO()
+    viz.mask_image(mask, spec.num_classes, palette).save(mask_png, format="PNG")
+    atomic_write(job.mask, mask_png.getvalue())
+    atomic_write(job.overlay, image_bytes(viz.overlay_with_legend(rgb, mask, spec.names, alpha, palette)))
     record = result_record(job.image, mask, spec, seg, palette, alpha,
                            {"mask": job.mask.name, "overlay": job.overlay.name})
-    atomic_write(job.json, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write(job.json, (json_text(record) + "\n").encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -366,9 +384,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--class-file", help="UTF-8 text file, one class per line, synonyms separated by ', '")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--alpha", type=float, default=0.5, help="colour weight of the overlay (default: 0.5)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="colour weight of the overlay, 0..1 (default: 0.5)")
     parser.add_argument("--palette", choices=PALETTES, default="voc",
-                        help="mask colours: voc (VOC bit palette, default) or distinct (many classes)")
+                        help="colours: voc (VOC bit palette, default; class 0 is black as VOC's background, "
+                        "so list a background class first) or distinct (bright colours, many classes)")
     parser.add_argument("--max-megapixels", type=float, default=4.0,
                         help="process larger images from a downscaled copy (default: 4; bounds memory)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -389,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     with cli_warnings():
         seg = segmenter_from_args(args)
         check_class_lengths(seg.tokenizer, spec)
-        spec, emb = seg.encode_classes(spec)
+        spec, emb = seg.encode_classes(cast(Any, spec))
     out.mkdir(parents=True, exist_ok=True)
     return _process(jobs, seg, spec, emb, args)
 
