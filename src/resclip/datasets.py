@@ -79,20 +79,54 @@ class DatasetSpec:
 
 
 def _voc(name: str, title: str, n: int, reduce: bool) -> DatasetSpec:
-    return DatasetSpec(name, title, n, f"{name}.txt", reduce, "VOCdevkit/VOC2012", "JPEGImages",
-                       "SegmentationClass", ".jpg", ".png", "ImageSets/Segmentation/val.txt",
-                       background=not reduce, palette="voc")
+    return DatasetSpec(
+        name,
+        title,
+        n,
+        f"{name}.txt",
+        reduce,
+        "VOCdevkit/VOC2012",
+        "JPEGImages",
+        "SegmentationClass",
+        ".jpg",
+        ".png",
+        "ImageSets/Segmentation/val.txt",
+        background=not reduce,
+        palette="voc",
+    )
 
 
 def _context(name: str, title: str, n: int, reduce: bool) -> DatasetSpec:
-    return DatasetSpec(name, title, n, f"{name}.txt", reduce, "VOCdevkit/VOC2010", "JPEGImages",
-                       "SegmentationClassContext", ".jpg", ".png", "ImageSets/SegmentationContext/val.txt",
-                       background=not reduce)
+    return DatasetSpec(
+        name,
+        title,
+        n,
+        f"{name}.txt",
+        reduce,
+        "VOCdevkit/VOC2010",
+        "JPEGImages",
+        "SegmentationClassContext",
+        ".jpg",
+        ".png",
+        "ImageSets/SegmentationContext/val.txt",
+        background=not reduce,
+    )
 
 
 def _coco(name: str, title: str, n: int, seg_suffix: str, background: bool) -> DatasetSpec:
-    return DatasetSpec(name, title, n, f"{name}.txt", False, "coco_stuff164k", "images/val2017",
-                       "annotations/val2017", ".jpg", seg_suffix, background=background)
+    return DatasetSpec(
+        name,
+        title,
+        n,
+        f"{name}.txt",
+        False,
+        "coco_stuff164k",
+        "images/val2017",
+        "annotations/val2017",
+        ".jpg",
+        seg_suffix,
+        background=background,
+    )
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -104,14 +138,39 @@ DATASETS: dict[str, DatasetSpec] = {
         _context("context59", "Context59", 59, True),
         _coco("coco_object", "COCO-Object", 81, "_instanceTrainIds.png", True),
         _coco("coco_stuff", "COCO-Stuff", 171, "_labelTrainIds.png", False),
-        DatasetSpec("cityscapes", "Cityscapes", 19, "city_scapes.txt", False, "cityscapes", "leftImg8bit/val",
-                    "gtFine/val", "_leftImg8bit.png", "_gtFine_labelTrainIds.png"),
-        DatasetSpec("ade20k", "ADE20K", 150, "ade20k.txt", True, "ADEChallengeData2016", "images/validation",
-                    "annotations/validation", ".jpg", ".png"),
+        DatasetSpec(
+            "cityscapes",
+            "Cityscapes",
+            19,
+            "city_scapes.txt",
+            False,
+            "cityscapes",
+            "leftImg8bit/val",
+            "gtFine/val",
+            "_leftImg8bit.png",
+            "_gtFine_labelTrainIds.png",
+        ),
+        DatasetSpec(
+            "ade20k",
+            "ADE20K",
+            150,
+            "ade20k.txt",
+            True,
+            "ADEChallengeData2016",
+            "images/validation",
+            "annotations/validation",
+            ".jpg",
+            ".png",
+        ),
     )
 }
 
-_ALIASES = {"coco_stuff164k": "coco_stuff", "city_scapes": "cityscapes", "ade": "ade20k", "coco_obj": "coco_object"}
+_ALIASES = {
+    "coco_stuff164k": "coco_stuff",
+    "city_scapes": "cityscapes",
+    "ade": "ade20k",
+    "coco_obj": "coco_object",
+}
 
 
 def list_datasets() -> list[str]:
@@ -212,8 +271,8 @@ def list_samples(spec: DatasetSpec, root: str | os.PathLike[str], limit: int | N
     missing = [s for s in samples if not s.label.is_file()]
     if missing:
         raise DatasetNotFoundError(
-            f"missing label for {len(missing)} of {len(samples)} images, first: image {str(missing[0].image)!r} "
-            f"has no {str(missing[0].label)!r}; {spec.layout()}"
+            f"missing label for {len(missing)} of {len(samples)} images, first: image "
+            f"{str(missing[0].image)!r} has no {str(missing[0].label)!r}; {spec.layout()}"
         )
     return samples
 
@@ -288,17 +347,17 @@ def load_pair(sample: Sample, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray
     label = read_label(sample.label, spec)
     if rgb.shape[:2] != label.shape:
         raise DatasetError(
-            f"image {str(sample.image)!r} is {rgb.shape[1]}x{rgb.shape[0]} but its label {str(sample.label)!r} "
-            f"is {label.shape[1]}x{label.shape[0]}; labels must have the image's size"
+            f"image {str(sample.image)!r} is {rgb.shape[1]}x{rgb.shape[0]} but its label "
+            f"{str(sample.label)!r} is {label.shape[1]}x{label.shape[0]}; labels must have the image's size"
         )
     return rgb, label
 
 
 @dataclass
 class LoadedSample:
-    """What a loader worker hands to the model: the pair, or the error that prevented reading it."""
+    """What a loader worker hands to the model: ``(H, W, 3)`` uint8 RGB image and ``(H, W)`` uint8 label,
+    or the error that prevented reading them."""
 
-    index: int
     sample: Sample
     image: np.ndarray | None = None
     label: np.ndarray | None = None
@@ -311,9 +370,8 @@ class BenchmarkImages(torch.utils.data.Dataset):
     Errors are returned, not raised, so the main process can report them in one clear line.
     """
 
-    def __init__(self, samples: Sequence[Sample], spec: DatasetSpec, indices: Sequence[int] | None = None) -> None:
+    def __init__(self, samples: Sequence[Sample], spec: DatasetSpec) -> None:
         self.samples = list(samples)
-        self.indices = list(indices) if indices is not None else list(range(len(self.samples)))
         self.spec = spec
 
     def __len__(self) -> int:
@@ -324,8 +382,8 @@ class BenchmarkImages(torch.utils.data.Dataset):
         try:
             rgb, label = load_pair(sample, self.spec)
         except (DatasetError, DatasetNotFoundError) as err:
-            return LoadedSample(self.indices[i], sample, error=str(err))
-        return LoadedSample(self.indices[i], sample, rgb, label)
+            return LoadedSample(sample, error=str(err))
+        return LoadedSample(sample, rgb, label)
 
 
 def identity_collate(item: LoadedSample) -> LoadedSample:
@@ -349,7 +407,7 @@ def voc_palette() -> list[int]:
 
 
 def to_label_convention(mask: np.ndarray, spec: DatasetSpec) -> np.ndarray:
-    """Predicted class indices ``(H, W)`` -> uint8 values as in the dataset's label files (undo reduce_zero_label)."""
+    """``(H, W)`` predicted class indices -> uint8 values as in the label files (undo reduce_zero_label)."""
     values = mask.astype(np.int64) + (1 if spec.reduce_zero_label else 0)
     if values.size and (values.min() < 0 or values.max() > 254):
         raise ValueError(f"predicted classes out of range for a PNG label: {values.min()}..{values.max()}")

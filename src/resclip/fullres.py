@@ -14,8 +14,15 @@ import numpy as np
 import torch
 
 from .pamr import pamr
-from .protocol import Protocol, class_probabilities, renormalise
-from .upsample import bilinear_rows, row_bands
+from .protocol import (
+    Protocol,
+    area_keep,
+    class_probabilities,
+    labels_from_logits,
+    renormalise,
+    threshold_argmax,
+)
+from .upsample import bilinear_rows, bilinear_rows_exact, row_bands
 
 DEFAULT_BUDGET = 1 << 24  # elements of the largest (Q, rows, W) band
 
@@ -71,26 +78,27 @@ class FullResolution:
             return bilinear_rows(self.logits, self.size, start, stop)
         lo, hi = max(0, start - self.halo), min(self.size[0], stop + self.halo)
         band = bilinear_rows(self.logits, self.size, lo, hi)
-        guide = bilinear_rows(self.guide, self.size, lo, hi)
+        guide = bilinear_rows_exact(self.guide, self.size, lo, hi)
         p = self.protocol
         refined = pamr(guide[None], band[None], p.pamr_steps, p.pamr_dilations)[0]
         return refined[:, start - lo : stop - lo]
 
     def _raw_class_probs(self, start: int, stop: int) -> torch.Tensor:
-        return class_probabilities(self.logit_rows(start, stop), self.query_to_class, self.protocol.logit_scale)
+        return class_probabilities(
+            self.logit_rows(start, stop), self.query_to_class, self.protocol.logit_scale
+        )
 
     def keep(self) -> torch.Tensor:
         """``(C,)`` 1/0 weights of SCLIP's area filter (all ones when it is off)."""
         if self._keep is None:
-            keep = torch.ones(self.num_classes, device=self.logits.device)
-            if self.protocol.area_thd is not None:
+            if self.protocol.area_thd is None:
+                self._keep = torch.ones(self.num_classes, device=self.logits.device)
+            else:
                 area = torch.zeros(self.num_classes, dtype=torch.int64, device=self.logits.device)
                 for start, stop in self.bands:
                     first = self._raw_class_probs(start, stop).argmax(dim=0)
                     area += torch.bincount(first.flatten(), minlength=self.num_classes)
-                fg = area[1:].float()
-                keep[1:] = (fg > self.protocol.area_thd * fg.sum()).float()
-            self._keep = keep
+                self._keep = area_keep(area, self.protocol.area_thd)
         return self._keep
 
     def class_prob_rows(self, start: int, stop: int) -> torch.Tensor:
@@ -108,10 +116,14 @@ class FullResolution:
     def mask(self) -> np.ndarray:
         """``(H, W)`` class indices (dtype from :func:`mask_dtype`)."""
         out = np.empty(self.size, dtype=mask_dtype(self.num_classes))
-        for start, stop, probs in self.iter_bands():
-            top, label = probs.max(dim=0)
-            label = label.masked_fill(top < self.protocol.prob_thd, 0)
-            out[start:stop] = label.cpu().numpy()
+        p = self.protocol
+        q2c = self.query_to_class.to(self.logits.device)
+        for start, stop in self.bands:
+            if p.area_thd is None:
+                labels = labels_from_logits(self.logit_rows(start, stop), q2c, p.logit_scale, p.prob_thd)
+            else:
+                labels = threshold_argmax(self.class_prob_rows(start, stop), p.prob_thd)
+            out[start:stop] = labels.cpu().numpy()
         return out
 
     def probs(self) -> np.ndarray:

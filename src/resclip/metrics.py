@@ -112,7 +112,7 @@ def compute_metrics(matrix: np.ndarray) -> SegMetrics:
     Example:
         >>> import numpy as np
         >>> m = compute_metrics(np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]]))
-        >>> [round(v, 4) for v in m.iou[:2]], bool(np.isnan(m.iou[2])), round(m.miou, 4)
+        >>> [round(float(v), 4) for v in m.iou[:2]], bool(np.isnan(m.iou[2])), round(m.miou, 4)
         ([0.75, 0.6667], True, 0.7083)
     """
     cm = np.asarray(matrix, dtype=np.int64)
@@ -127,8 +127,12 @@ def compute_metrics(matrix: np.ndarray) -> SegMetrics:
         acc = inter / area_gt
     total = float(area_gt.sum())
     return SegMetrics(
-        iou=iou, acc=acc, miou=_nanmean(iou), aacc=float(inter.sum() / total) if total else math.nan,
-        macc=_nanmean(acc), num_pixels=int(total),
+        iou=iou,
+        acc=acc,
+        miou=_nanmean(iou),
+        aacc=float(inter.sum() / total) if total else math.nan,
+        macc=_nanmean(acc),
+        num_pixels=int(total),
     )
 
 
@@ -184,7 +188,7 @@ def per_class_rows(metrics: SegMetrics, class_names: Sequence[str]) -> list[tupl
     """``(name, IoU %, Acc %)`` strings per class."""
     if len(class_names) != len(metrics.iou):
         raise ValueError(f"{len(class_names)} class names for {len(metrics.iou)} classes")
-    return [(n, _fmt(i), _fmt(a)) for n, i, a in zip(class_names, metrics.iou, metrics.acc)]
+    return [(n, _fmt(i), _fmt(a)) for n, i, a in zip(class_names, metrics.iou, metrics.acc, strict=True)]
 
 
 def format_table(metrics: SegMetrics, class_names: Sequence[str]) -> str:
@@ -193,16 +197,20 @@ def format_table(metrics: SegMetrics, class_names: Sequence[str]) -> str:
     width = max([5, *(len(r[0]) for r in rows)])
     lines = [f"{'Class':<{width}}  {'IoU':>6}  {'Acc':>6}", "-" * (width + 16)]
     lines += [f"{n:<{width}}  {i:>6}  {a:>6}" for n, i, a in rows]
-    lines += ["-" * (width + 16), f"aAcc {_fmt(metrics.aacc)}  mIoU {_fmt(metrics.miou)}  mAcc {_fmt(metrics.macc)}"]
+    summary = f"aAcc {_fmt(metrics.aacc)}  mIoU {_fmt(metrics.miou)}  mAcc {_fmt(metrics.macc)}"
+    lines += ["-" * (width + 16), summary]
     return "\n".join(lines)
 
 
 def markdown_table(metrics: SegMetrics, class_names: Sequence[str]) -> str:
     """Summary and per-class table in Markdown."""
     lines = [
-        "| mIoU | aAcc | mAcc |", "|---:|---:|---:|",
-        f"| {_fmt(metrics.miou)} | {_fmt(metrics.aacc)} | {_fmt(metrics.macc)} |", "",
-        "| class | IoU | Acc |", "|---|---:|---:|",
+        "| mIoU | aAcc | mAcc |",
+        "|---:|---:|---:|",
+        f"| {_fmt(metrics.miou)} | {_fmt(metrics.aacc)} | {_fmt(metrics.macc)} |",
+        "",
+        "| class | IoU | Acc |",
+        "|---|---:|---:|",
     ]
     lines += [f"| {n} | {i} | {a} |" for n, i, a in per_class_rows(metrics, class_names)]
     return "\n".join(lines) + "\n"

@@ -71,10 +71,53 @@ def class_probabilities(
     return class_max(probs[None], query_to_class)[0]
 
 
+def area_keep(area: torch.Tensor, area_thd: float) -> torch.Tensor:
+    """SCLIP's area filter as ``(C,)`` 1/0 weights.
+
+    Args:
+        area: ``(C,)`` pixel counts of each class in the first argmax map (class 0 = background).
+        area_thd: a foreground class is kept when its area exceeds this share of all
+            foreground pixels; background is always kept.
+    """
+    fg = area[1:].float()
+    keep = torch.ones(area.shape[0], device=area.device)
+    keep[1:] = (fg > area_thd * fg.sum()).float()
+    return keep
+
+
+def threshold_argmax(class_probs: torch.Tensor, prob_thd: float) -> torch.Tensor:
+    """Argmax over classes (dim 0); pixels whose top probability is below ``prob_thd`` get 0."""
+    top, mask = class_probs.max(dim=0)
+    return mask.masked_fill(top < prob_thd, 0)
+
+
+def labels_from_logits(
+    logits: torch.Tensor, query_to_class: torch.Tensor, logit_scale: float, prob_thd: float
+) -> torch.Tensor:
+    """Mask straight from query logits, without materialising probabilities.
+
+    The class with the highest (synonym-max) probability is the class of the highest-scoring
+    query, and that probability is ``1 / sum_q exp(s * (l_q - l_max))``; so this equals
+    ``threshold_argmax(class_probabilities(...))`` without the ``(C, ...)`` tensors.
+
+    Args:
+        logits: ``(Q, H, W)`` query logits; query_to_class ``(Q,)`` int64.
+
+    Returns:
+        ``(H, W)`` int64 class indices.
+    """
+    top, query = logits.max(dim=0)
+    labels = query_to_class[query]
+    if prob_thd > 0:
+        denom = torch.exp(logit_scale * (logits - top)).sum(dim=0)
+        labels = labels.masked_fill(denom.reciprocal() < prob_thd, 0)
+    return labels
+
+
 def predict_mask(
     class_probs: torch.Tensor, prob_thd: float, area_thd: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax over classes with the background threshold (and SCLIP's area filter).
+    """Argmax over classes with the background threshold (and SCLIP's area filter), whole map.
 
     Args:
         class_probs: ``(C, H, W)`` class probabilities.
@@ -85,15 +128,9 @@ def predict_mask(
         ``(H, W)`` int64 mask and the ``(C, H, W)`` probabilities after the area filter.
     """
     if area_thd is not None:
-        num_classes = class_probs.shape[0]
-        first = class_probs.argmax(dim=0)
-        area = torch.bincount(first.flatten(), minlength=num_classes)[1:].float()
-        keep = (area > area_thd * area.sum()).to(class_probs.dtype)
-        class_probs = class_probs.clone()
-        class_probs[1:] *= keep.view(-1, 1, 1)
-    top, mask = class_probs.max(dim=0)
-    mask = mask.masked_fill(top < prob_thd, 0)
-    return mask, class_probs
+        area = torch.bincount(class_probs.argmax(dim=0).flatten(), minlength=class_probs.shape[0])
+        class_probs = class_probs * area_keep(area, area_thd).view(-1, 1, 1)
+    return threshold_argmax(class_probs, prob_thd), class_probs
 
 
 def renormalise(class_probs: torch.Tensor) -> torch.Tensor:

@@ -206,6 +206,10 @@ class Segmenter:
             size: the original ``(H, W)``.
         """
         return FullResolution(
-            logits.float(), x if self.protocol.pamr_steps > 0 else None, query_to_class, self.protocol, size,
+            logits.float(),
+            x if self.protocol.pamr_steps > 0 else None,
+            query_to_class,
+            self.protocol,
+            size,
             budget=self.band_budget,
         )

@@ -1,0 +1,358 @@
+"""`resclip reproduce --table 1|2|3|4|A1|A2`: rerun a table of the paper, ours vs. printed, per cell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..clip import resolve_device
+from ..datasets import get_dataset_spec, list_datasets, list_samples
+from ..evaluate import (
+    DistInfo,
+    atomic_write_text,
+    close_distributed,
+    evaluate,
+    init_distributed,
+    software_versions,
+    write_results,
+)
+from ..factory import create_segmenter
+from ..paper_tables import BACKBONES, TABLES, Column, PaperTable, Row, get_table
+from .common import UserError, parse_overrides
+from .eval_cmd import add_data_arguments, check_run_args, state_dir_for
+
+NAME = "reproduce"
+HELP = "rerun a table of the paper and print our numbers beside the paper's"
+
+# where each benchmark lives below --data-root (MMSegmentation's names)
+SUBDIRS: dict[str, tuple[str, ...]] = {
+    "voc21": ("VOCdevkit/VOC2012",),
+    "voc20": ("VOCdevkit/VOC2012",),
+    "context60": ("VOCdevkit/VOC2010",),
+    "context59": ("VOCdevkit/VOC2010",),
+    "coco_object": ("coco_stuff164k",),
+    "coco_stuff": ("coco_stuff164k",),
+    "cityscapes": ("cityscapes",),
+    "ade20k": ("ADEChallengeData2016", "ade/ADEChallengeData2016"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--table", required=True, help=f"paper table: {', '.join(TABLES)}")
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding the MMSegmentation folders "
+        "(VOCdevkit/VOC2012, VOCdevkit/VOC2010, coco_stuff164k, cityscapes, ADEChallengeData2016)",
+    )
+    for ds in list_datasets():
+        parser.add_argument(
+            f"--root-{ds.replace('_', '-')}",
+            dest=f"root_{ds}",
+            default=None,
+            metavar="DIR",
+            help=f"{ds} folder (overrides --data-root)",
+        )
+    parser.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="BACKBONE=FILE",
+        help=f"local checkpoint for a backbone ({', '.join(BACKBONES)}); default: the open_clip tag",
+    )
+    parser.add_argument(
+        "--rows",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only rows whose label contains TEXT (case-insensitive; repeatable)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="summary JSON (default: reproduce-table<ID>.json; a .md "
+        "goes next to it, per-run results in <name>_runs/)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="show what would run and what is skipped")
+    g = parser.add_argument_group("model")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: fp32)")
+    g.add_argument("--window-batch", type=int, default=8, help="sliding windows per forward pass")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting in every row (quick checks only: changes the protocol)",
+    )
+    add_data_arguments(parser)
+
+
+def resolve_roots(
+    args: argparse.Namespace, needed: set[str], verbose: bool
+) -> dict[str, tuple[Path | None, str]]:
+    """Per benchmark: its folder and '' if usable, else None and a short reason (details on stderr)."""
+    out: dict[str, tuple[Path | None, str]] = {}
+    for ds in list_datasets():
+        flag = f"--root-{ds.replace('_', '-')}"
+        explicit = getattr(args, f"root_{ds}", None)
+        candidates = [Path(explicit)] if explicit else []
+        if not explicit and args.data_root:
+            candidates = [Path(args.data_root) / sub for sub in SUBDIRS[ds]]
+        if not candidates:
+            out[ds] = (None, f"no {ds} data (give --data-root or {flag})")
+            continue
+        detail = ""
+        for cand in candidates:
+            try:
+                list_samples(get_dataset_spec(ds), cand, args.limit)
+                out[ds] = (cand, "")
+                break
+            except (FileNotFoundError, ValueError) as err:
+                detail = detail or str(err)
+        else:
+            out[ds] = (None, f"no {ds} data (give {flag} or see the message above)")
+            if verbose and ds in needed:
+                print(f"resclip: {ds} skipped: {detail}", file=sys.stderr)
+    return out
+
+
+def parse_weights(items: list[str]) -> dict[str, str]:
+    """``BACKBONE=FILE`` items -> dict."""
+    out = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        if not sep or key.strip() not in BACKBONES:
+            raise UserError(
+                f"--weights expects BACKBONE=FILE with BACKBONE one of {', '.join(BACKBONES)}, got {item!r}"
+            )
+        if not Path(path).expanduser().is_file():
+            raise UserError(f"--weights {key}: no such file {path!r}")
+        out[key.strip()] = path
+    return out
+
+
+@dataclass
+class Cell:
+    """One table cell: our number (None if not run), the paper's, and why it was not run."""
+
+    ours: float | None
+    paper: float | None
+    note: str = ""
+
+    @property
+    def diff(self) -> float | None:
+        return None if self.ours is None or self.paper is None else self.ours - self.paper
+
+    def text(self) -> str:
+        paper = "-" if self.paper is None else f"{self.paper:g}"
+        if self.ours is None:
+            return f"– / {paper}"
+        diff = "" if self.diff is None else f" ({self.diff:+.2f})"
+        return f"{self.ours:.2f} / {paper}{diff}"
+
+
+class Runner:
+    """Evaluates (row, backbone, dataset) settings once each, remembering unavailable data and weights."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        roots: dict[str, tuple[Path | None, str]],
+        weights: dict[str, str],
+        runs_dir: Path,
+        info: DistInfo,
+    ) -> None:
+        self.args, self.roots, self.weights, self.runs_dir, self.info = args, roots, weights, runs_dir, info
+        self.overrides = parse_overrides(args.overrides)
+        self.memo: dict[tuple[Any, ...], tuple[float | None, str]] = {}
+        self.bad_backbones: dict[str, str] = {}
+        self.ran = 0
+
+    def miou(self, row: Row, backbone: str, ds: str) -> tuple[float | None, str]:
+        """Our mIoU (percent) of ``row`` on ``ds`` with ``backbone``, or None and the reason."""
+        root, why = self.roots[ds]
+        if root is None:
+            return None, why
+        if backbone not in BACKBONES:
+            return None, f"backbone {backbone} not available in resclip"
+        if backbone in self.bad_backbones:
+            return None, self.bad_backbones[backbone]
+        key = (row.method, row.rcs, row.sfr, row.family, row.rcs_layers, backbone, ds)
+        if key not in self.memo:
+            self.memo[key] = (
+                (None, "would run (dry run)") if self.args.dry_run else self._run(row, backbone, ds, root)
+            )
+        return self.memo[key]
+
+    def _run(self, row: Row, backbone: str, ds: str, root: Path) -> tuple[float | None, str]:
+        arch, tag = BACKBONES[backbone]
+        model, pretrained = (None, self.weights[backbone]) if backbone in self.weights else (arch, tag)
+        overrides = dict(self.overrides)
+        if row.rcs_layers is not None:
+            overrides["rcs_layers"] = row.rcs_layers
+        assert row.method is not None
+        try:
+            seg = create_segmenter(
+                method=row.method,
+                rcs=row.rcs,
+                sfr=row.sfr,
+                preset=row.preset(ds),
+                model=model,
+                pretrained=pretrained,
+                device=self.args.device,
+                precision=self.args.precision,
+                window_batch=self.args.window_batch,
+                **overrides,
+            )
+        except (RuntimeError, OSError) as err:
+            self.bad_backbones[backbone] = f"weights {backbone} ({arch}, {pretrained}) unavailable: {err}"
+            return None, self.bad_backbones[backbone]
+        except (ValueError, TypeError) as err:
+            return None, f"cannot build this setting: {err}"
+        a = self.args
+        result = evaluate(
+            seg,
+            ds,
+            root,
+            limit=a.limit,
+            workers=a.workers,
+            state_dir=state_dir_for(a, a.output),
+            resume=not a.fresh,
+            save_every=a.save_every,
+            progress=a.progress,
+        )
+        if self.info.rank == 0:
+            slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{row.label}_{backbone}_{ds}")
+            result.extra["paper_row"] = row.label
+            write_results(result, self.runs_dir / f"{slug}.json")
+        self.ran += 1
+        return result.miou, ""
+
+
+def fill_table(table: PaperTable, rows: list[Row], runner: Runner) -> list[list[Cell]]:
+    """Evaluate every cell of ``rows`` (skipping what cannot run)."""
+    grid = []
+    for row in rows:
+        cells = []
+        for j, col in enumerate(table.columns):
+            cells.append(_cell(row, col, row.paper[j], runner))
+        grid.append(cells)
+    return grid
+
+
+def _cell(row: Row, col: Column, paper: float | None, runner: Runner) -> Cell:
+    if row.method is None:
+        return Cell(None, paper, "not implemented in resclip (trained or other method)")
+    missing = [runner.roots[ds][1] for ds in col.datasets if runner.roots[ds][0] is None]
+    if missing:  # never spend time on part of an average that cannot be completed
+        return Cell(None, paper, missing[0])
+    values = []
+    for ds in col.datasets:
+        value, why = runner.miou(row, col.backbone or row.backbone, ds)
+        if value is None:
+            return Cell(None, paper, why)
+        values.append(value)
+    return Cell(sum(values) / len(values), paper)
+
+
+def markdown(table: PaperTable, rows: list[Row], grid: list[list[Cell]], limit: int | None) -> str:
+    """The table as Markdown: ``ours / paper (difference)`` per cell, then the reasons for skipped cells."""
+    head = ["method", "enc"] + [c.label for c in table.columns]
+    lines = [
+        f"## Table {table.id}: {table.title}",
+        "",
+        "Each cell: ours / paper (ours - paper)."
+        + (f" Only the first {limit} images per dataset (not comparable to the paper)." if limit else ""),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row, cells in zip(rows, grid, strict=True):
+        lines.append(f"| {row.label} | {row.backbone} | " + " | ".join(c.text() for c in cells) + " |")
+    notes = []
+    for row, cells in zip(rows, grid, strict=True):
+        reasons = sorted({c.note for c in cells if c.note})
+        notes += [f"* {row.label} ({row.backbone}): {r}" for r in reasons]
+    if notes:
+        lines += ["", "Not run:", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def summary_json(table: PaperTable, rows: list[Row], grid: list[list[Cell]], args: argparse.Namespace) -> str:
+    """Machine-readable summary."""
+
+    def num(x: float | None) -> float | None:
+        return None if x is None or math.isnan(x) else round(x, 4)
+
+    data = {
+        "table": table.id,
+        "title": table.title,
+        "columns": [c.label for c in table.columns],
+        "limit": args.limit,
+        "rows": [
+            {
+                "label": r.label,
+                "backbone": r.backbone,
+                "method": r.method,
+                "rcs": r.rcs,
+                "sfr": r.sfr,
+                "preset_family": r.family,
+                "rcs_layers": r.rcs_layers,
+                "cells": {
+                    col.label: {"ours": num(c.ours), "paper": c.paper, "diff": num(c.diff), "note": c.note}
+                    for col, c in zip(table.columns, cells, strict=True)
+                },
+            }
+            for r, cells in zip(rows, grid, strict=True)
+        ],
+        "overrides": args.overrides,
+        "versions": software_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return json.dumps(data, indent=1) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        table = get_table(args.table)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    check_run_args(args)
+    weights = parse_weights(args.weights)
+    rows = [r for r in table.rows if not args.rows or any(t.lower() in r.label.lower() for t in args.rows)]
+    if not rows:
+        raise UserError(
+            f"--rows {args.rows} matches no row of table {table.id}: {', '.join(r.label for r in table.rows)}"
+        )
+    args.output = args.output or f"reproduce-table{table.id}.json"
+    out = Path(args.output)
+    runs_dir = out.with_name(out.stem + "_runs")
+    info, args.device = init_distributed(args.device)
+    try:
+        if not args.dry_run:
+            resolve_device(args.device)
+        needed = {ds for col in table.columns for ds in col.datasets}
+        runner = Runner(args, resolve_roots(args, needed, info.rank == 0), weights, runs_dir, info)
+        grid = fill_table(table, rows, runner)
+        if info.rank == 0:
+            text = markdown(table, rows, grid, args.limit)
+            print(text)
+            if not args.dry_run:
+                atomic_write_text(out, summary_json(table, rows, grid, args))
+                atomic_write_text(out.with_suffix(".md"), text)
+                print(f"wrote {out}, {out.with_suffix('.md')} (per-run results in {runs_dir})")
+    finally:
+        close_distributed(info)
+    if not args.dry_run and runner.ran == 0:
+        print("resclip: nothing could run (see 'Not run' above)", file=sys.stderr)
+        return 1
+    return 0

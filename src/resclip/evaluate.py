@@ -1,0 +1,620 @@
+"""Benchmark evaluation: dataset-level mIoU, resumable, sharded over ``torchrun`` processes.
+
+Progress is kept as per-image confusion counts (sparse), saved atomically every few images and on
+Ctrl-C/SIGTERM, in a state folder keyed by a hash of everything that decides the numbers (the full
+protocol, the weights' fingerprint, dataset, root, class names, device type). Rerunning the same command
+skips the images already done and gives the identical matrix (integer sums); a different protocol has a
+different key and starts fresh. A different ``--limit`` reuses whichever images are already done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+import uuid
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from .datasets import (
+    BenchmarkImages,
+    DatasetError,
+    DatasetSpec,
+    LoadedSample,
+    Sample,
+    class_file_path,
+    get_dataset_spec,
+    identity_collate,
+    list_samples,
+    save_prediction,
+)
+from .metrics import ConfusionMatrix, SegMetrics, compute_metrics, markdown_table, percent, sparse_confusion
+from .segmenter import Segmenter
+from .text import read_class_file
+
+STATE_VERSION = 1
+Entry = tuple[np.ndarray, np.ndarray]  # sparse confusion of one image: flat indices, counts
+
+
+# ------------------------------------------------------------------------------------------ distributed
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a ``torchrun`` group (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owned: bool = False  # True if we initialised the process group (and must destroy it)
+
+
+def init_distributed(device: str = "auto") -> tuple[DistInfo, str]:
+    """Join the ``torchrun`` group described by the environment (``WORLD_SIZE``, ``RANK``...).
+
+    Args:
+        device: the requested device; under several processes ``"auto"``/``"cuda"`` become
+            ``cuda:<LOCAL_RANK>``.
+
+    Returns:
+        The group info and the device each process should use. Backend: nccl on CUDA, gloo otherwise.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not tdist.is_available():
+        return DistInfo(), device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local}"
+    elif device == "auto":
+        device = "cpu"
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    owned = not tdist.is_initialized()
+    if owned:
+        tdist.init_process_group("nccl" if cuda else "gloo")
+    return DistInfo(tdist.get_rank(), tdist.get_world_size(), local, owned), device
+
+
+def current_dist() -> DistInfo:
+    """The group info of an already initialised process group (or a single process)."""
+    if tdist.is_available() and tdist.is_initialized():
+        return DistInfo(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo()
+
+
+def close_distributed(info: DistInfo) -> None:
+    """Destroy the process group if :func:`init_distributed` created it."""
+    if info.owned and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def _all_reduce(matrix: np.ndarray, device: torch.device) -> np.ndarray:
+    t = torch.from_numpy(matrix).to(device if tdist.get_backend() == "nccl" else "cpu")
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t.cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------ files
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, fsync, then ``os.replace`` it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def default_state_dir() -> Path:
+    """``$RESCLIP_CACHE/eval``, else ``$XDG_CACHE_HOME/resclip/eval`` or ``~/.cache/resclip/eval``."""
+    root = os.environ.get("RESCLIP_CACHE")
+    if root:
+        return Path(root).expanduser() / "eval"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "resclip" / "eval"
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions of everything that can change the numbers."""
+    import open_clip
+    import PIL
+
+    from . import __version__
+
+    return {
+        "resclip": __version__,
+        "torch": torch.__version__,
+        "open_clip": getattr(open_clip, "__version__", None),
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
+
+
+# ------------------------------------------------------------------------------------------ progress state
+class ProgressStore:
+    """Per-image confusion counts of one evaluation key, in ``<dir>/<key>.npz`` plus part files.
+
+    Each process writes its own ``<key>.part-<uuid>.npz`` (never overwriting another's); loading merges
+    them all; :meth:`consolidate` folds them into ``<key>.npz``.
+    """
+
+    def __init__(self, directory: Path, key: str, meta: dict[str, Any]) -> None:
+        self.directory = directory
+        self.key = key
+        self.meta = meta
+        self.part = directory / f"{key}.part-{uuid.uuid4().hex}.npz"
+
+    @property
+    def main(self) -> Path:
+        return self.directory / f"{self.key}.npz"
+
+    def _files(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        found = self.directory.glob(f"{self.key}*.npz")
+        return sorted(p for p in found if p == self.main or p.name.startswith(f"{self.key}.part-"))
+
+    def load(self) -> tuple[dict[str, Entry], list[Path]]:
+        """All saved entries of this key, and the files they came from (unreadable files are warned about)."""
+        entries: dict[str, Entry] = {}
+        used = []
+        for path in self._files():
+            try:
+                entries.update(self._read(path))
+                used.append(path)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+                warnings.warn(f"ignoring unreadable evaluation state {str(path)!r}: {err}", stacklevel=2)
+        return entries, used
+
+    def _read(self, path: Path) -> dict[str, Entry]:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["key"]) != self.key:
+                raise ValueError("key mismatch")
+            ids, offsets, flat, counts = f["ids"], f["offsets"], f["flat"], f["counts"]
+        bounds = zip(ids, offsets[:-1], offsets[1:], strict=True)
+        return {str(i): (flat[a:b], counts[a:b]) for i, a, b in bounds}
+
+    def write(self, path: Path, entries: dict[str, Entry]) -> None:
+        """Atomically write ``entries`` to ``path``."""
+        ids = list(entries)
+        sizes = [len(entries[i][0]) for i in ids]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        empty = np.zeros(0, np.int64)
+        flat = np.concatenate([entries[i][0] for i in ids]) if ids else empty
+        counts = np.concatenate([entries[i][1] for i in ids]) if ids else empty
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            key=np.array(self.key),
+            meta=np.array(json.dumps(self.meta, default=str)),
+            ids=np.array(ids, dtype=str),
+            offsets=offsets,
+            flat=flat.astype(np.int64),
+            counts=counts.astype(np.int64),
+        )
+        atomic_write_bytes(path, buf.getvalue())
+
+    def save_part(self, entries: dict[str, Entry]) -> None:
+        """Save this process's new entries (replaces its previous part file)."""
+        if entries:
+            self.write(self.part, entries)
+
+    def others(self) -> list[str]:
+        """Keys of saved states of the same dataset with other settings (protocol, weights, data, classes)."""
+        prefix = self.key.rsplit("-", 1)[0] + "-"
+        if not self.directory.is_dir():
+            return []
+        keys = {p.name.split(".")[0] for p in self.directory.glob(f"{prefix}*.npz")}
+        return sorted(keys - {self.key})
+
+    def clear(self) -> None:
+        """Delete every saved file of this key."""
+        for path in self._files():
+            path.unlink(missing_ok=True)
+
+    def consolidate(self) -> None:
+        """Merge every file of this key into ``<key>.npz`` and remove the part files."""
+        entries, used = self.load()
+        if entries:
+            self.write(self.main, entries)
+        for path in used:
+            if path != self.main:
+                path.unlink(missing_ok=True)
+
+
+def state_key(seg: Segmenter, spec: DatasetSpec, root: str | os.PathLike[str], lines: list[str]) -> str:
+    """Hash of everything that decides an image's confusion counts."""
+    payload = {
+        "version": STATE_VERSION,
+        "config": seg.config.to_dict(),
+        "fingerprint": seg.fingerprint,
+        "dataset": spec.name,
+        "root": str(Path(root).expanduser().resolve()),
+        "classes": lines,
+        "device": seg.device.type,
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return f"{spec.name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+# ------------------------------------------------------------------------------------------ results
+@dataclass
+class EvalResult:
+    """Outcome of one evaluation.
+
+    Attributes:
+        dataset: the benchmark.
+        root: its folder.
+        class_names: display name per class.
+        class_file: class-name file used.
+        confusion: ``(C, C)`` int64 dataset-level confusion matrix (rows: ground truth).
+        metrics: scores derived from it.
+        num_images: images scored.
+        reused_images: images whose counts came from saved progress.
+        config: the segmenter's full protocol (``seg.config.to_dict()``).
+        device: device the model ran on.
+        world_size: processes that shared the work.
+        limit: ``--limit`` (None = all images).
+        elapsed_s: wall time of this run.
+        state_key: key of the saved progress.
+    """
+
+    dataset: DatasetSpec
+    root: str
+    class_names: list[str]
+    class_file: str
+    confusion: np.ndarray
+    metrics: SegMetrics
+    num_images: int
+    reused_images: int
+    config: dict[str, Any]
+    device: str
+    world_size: int
+    limit: int | None
+    elapsed_s: float
+    state_key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def miou(self) -> float:
+        """mIoU in percent (unrounded)."""
+        return self.metrics.miou * 100.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON results (percentages rounded to 2 decimals as mmseg reports them; null = absent)."""
+        m = self.metrics
+        return {
+            "dataset": self.dataset.name,
+            "dataset_title": self.dataset.title,
+            "root": self.root,
+            "num_images": self.num_images,
+            "num_classes": len(self.class_names),
+            "limit": self.limit,
+            "miou": percent(m.miou),
+            "pixel_accuracy": percent(m.aacc),
+            "mean_accuracy": percent(m.macc),
+            "per_class_iou": {n: percent(v) for n, v in zip(self.class_names, m.iou, strict=True)},
+            "per_class_accuracy": {n: percent(v) for n, v in zip(self.class_names, m.acc, strict=True)},
+            "num_pixels": m.num_pixels,
+            "method": self.config.get("method"),
+            "rcs": self.config.get("rcs") is not None,
+            "sfr": self.config.get("sfr") is not None,
+            "preset": self.config.get("preset"),
+            "model": self.config.get("model"),
+            "pretrained": self.config.get("pretrained"),
+            "precision": self.config.get("precision"),
+            "protocol": self.config,
+            "class_file": self.class_file,
+            "reduce_zero_label": self.dataset.reduce_zero_label,
+            "device": self.device,
+            "world_size": self.world_size,
+            "versions": software_versions(),
+            "elapsed_s": round(self.elapsed_s, 2),
+            "reused_images": self.reused_images,
+            "state_key": self.state_key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **self.extra,
+            "confusion_matrix": self.confusion.tolist(),
+        }
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_suffix(suffix) if path.suffix == ".json" else path.with_name(path.name + suffix)
+
+
+def write_results(result: EvalResult, path: str | os.PathLike[str]) -> list[Path]:
+    """Write ``results.json`` plus ``results.md`` and ``results.csv`` next to it (all atomically)."""
+    out = Path(path)
+    data = result.to_dict()
+    atomic_write_text(out, json.dumps(data, indent=1) + "\n")
+    c = result.config
+    head = (
+        f"# {result.dataset.title}: mIoU {data['miou']}\n\n"
+        f"method {c.get('method')}, RCS {'on' if data['rcs'] else 'off'}, "
+        f"SFR {'on' if data['sfr'] else 'off'}, "
+        f"preset {c.get('preset')}, model {c.get('model')} ({c.get('pretrained')}), {c.get('precision')}; "
+        f"{result.num_images} images of {result.root}\n\n"
+    )
+    atomic_write_text(_sibling(out, ".md"), head + markdown_table(result.metrics, result.class_names))
+    m = result.metrics
+    rows = ["class,iou,acc"] + [
+        f"{_csv(n)},{_num(i)},{_num(a)}" for n, i, a in zip(result.class_names, m.iou, m.acc, strict=True)
+    ]
+    rows += [f"mIoU,{_num(m.miou)},", f"aAcc,,{_num(m.aacc)}", f"mAcc,,{_num(m.macc)}"]
+    atomic_write_text(_sibling(out, ".csv"), "\n".join(rows) + "\n")
+    return [out, _sibling(out, ".md"), _sibling(out, ".csv")]
+
+
+def _csv(name: str) -> str:
+    return f'"{name}"' if "," in name or '"' in name else name
+
+
+def _num(x: float) -> str:
+    return "" if math.isnan(x) else f"{x * 100:.4f}"
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def class_lines(spec: DatasetSpec, class_file: str | os.PathLike[str] | None = None) -> tuple[list[str], str]:
+    """Class lines for ``spec`` (the shipped file unless ``class_file``), checked against its class count."""
+    path = Path(class_file) if class_file is not None else class_file_path(spec)
+    lines = read_class_file(path)
+    if len(lines) != spec.num_classes:
+        raise DatasetError(
+            f"class file {str(path)!r} has {len(lines)} lines but {spec.name} has {spec.num_classes} classes "
+            "(one line per class, synonyms separated by commas)"
+        )
+    return lines, str(path)
+
+
+def predict_mask(seg: Segmenter, rgb: np.ndarray, classes: list[str], text: torch.Tensor) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` class indices (``seg.predict(...).mask``; probabilities are
+    never built)."""
+    return seg.predict(rgb, classes, embeddings=text).mask
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, torchrun shutting down) into KeyboardInterrupt so progress gets saved."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _say(msg: str, dist: DistInfo) -> None:
+    if dist.rank == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """One image -> its sparse confusion counts and predicted mask."""
+
+    seg: Segmenter
+    spec: DatasetSpec
+    lines: list[str]
+    text: torch.Tensor
+
+    def __call__(self, item: LoadedSample) -> tuple[Entry, np.ndarray]:
+        if item.error is not None or item.image is None or item.label is None:
+            raise DatasetError(item.error or f"could not read {item.sample.image}")
+        mask = predict_mask(self.seg, item.image, self.lines, self.text)
+        return sparse_confusion(mask, item.label, self.spec.num_classes), mask
+
+
+def evaluate(
+    seg: Segmenter,
+    dataset: str,
+    root: str | os.PathLike[str],
+    *,
+    limit: int | None = None,
+    class_file: str | os.PathLike[str] | None = None,
+    workers: int = 2,
+    save_predictions: str | os.PathLike[str] | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    save_every: int = 50,
+    progress: bool = True,
+) -> EvalResult:
+    """Score a segmenter on a benchmark exactly as the papers do (dataset-level mIoU).
+
+    Under ``torchrun`` (process group initialised, see :func:`init_distributed`) every process scores
+    ``images[rank::world]`` of the remaining images and the confusion matrices are summed; all ranks
+    return the same result.
+
+    Args:
+        seg: the segmenter (its preset should be the dataset's, e.g. ``"voc21"``).
+        dataset: benchmark name (:func:`resclip.datasets.list_datasets`).
+        root: its MMSegmentation folder.
+        limit: score only the first ``limit`` images.
+        class_file: class names (default: the shipped file of the benchmark).
+        workers: image-decoding processes (0 = decode in this process).
+        save_predictions: folder for one ``<image stem>.png`` per image in the dataset's label convention.
+        state_dir: where progress is kept (default :func:`default_state_dir`).
+        resume: reuse saved progress of the same key (False: recompute everything).
+        save_every: save progress every this many images (and on interruption).
+        progress: show a progress bar (rank 0 only).
+
+    Returns:
+        An :class:`EvalResult` (``confusion`` is ``(C, C)`` int64, rows = ground truth).
+    """
+    started = time.time()
+    spec = get_dataset_spec(dataset)
+    samples = list_samples(spec, root, limit)
+    lines, cls_path = class_lines(spec, class_file)
+    dist = current_dist()
+    with warnings.catch_warnings():
+        if class_file is None:  # the reference files repeat a few synonyms (e.g. "bed"): known, harmless
+            warnings.filterwarnings("ignore", message="synonyms .* appear in several classes")
+        cspec, text = seg.encode_classes(lines)
+    names = ["background", *cspec.names[1:]] if spec.background else list(cspec.names)
+    key = state_key(seg, spec, root, lines)
+    meta = {"dataset": spec.name, "root": str(root), "config": seg.config.to_dict()}
+    store = ProgressStore(Path(state_dir) if state_dir else default_state_dir(), key, meta)
+    done = _load_done(store, resume, dist)
+    pred_dir = Path(save_predictions) if save_predictions is not None else None
+    todo, prior = _split_done(samples, done, pred_dir, spec.num_classes)
+    reused = len(samples) - len(todo)
+    where = f"progress kept in {store.directory} (key {key})"
+    if reused:
+        _say(f"{spec.name}: {reused} of {len(samples)} images done earlier, resuming; {where}", dist)
+    else:
+        others = store.others() if resume else []
+        note = f" (starting fresh: {len(others)} saved run(s) there have other settings)" if others else ""
+        _say(f"{spec.name}: {len(samples)} images; {where}{note}", dist)
+    mine = [samples[i] for i in todo[dist.rank :: dist.world_size]]
+    new = _run_images(
+        _Scorer(seg, spec, lines, text),
+        mine,
+        store,
+        pred_dir,
+        workers,
+        save_every,
+        progress and dist.rank == 0,
+    )
+    local = ConfusionMatrix(spec.num_classes)
+    for idx, counts in new.values():
+        local.add_sparse(idx, counts)
+    total = prior.matrix + (_all_reduce(local.matrix, seg.device) if dist.world_size > 1 else local.matrix)
+    _finish(store, dist)
+    return EvalResult(
+        dataset=spec,
+        root=str(root),
+        class_names=names,
+        class_file=cls_path,
+        confusion=total,
+        metrics=compute_metrics(total),
+        num_images=len(samples),
+        reused_images=reused,
+        config=seg.config.to_dict(),
+        device=str(seg.device),
+        world_size=dist.world_size,
+        limit=limit,
+        elapsed_s=time.time() - started,
+        state_key=key,
+    )
+
+
+def _load_done(store: ProgressStore, resume: bool, dist: DistInfo) -> dict[str, Entry]:
+    """Saved entries (or none, clearing old ones, without ``resume``); all ranks read before any writes."""
+    done: dict[str, Entry] = {}
+    if resume:
+        done, _ = store.load()
+    elif dist.rank == 0:
+        store.clear()
+    if dist.world_size > 1:
+        tdist.barrier()
+    return done
+
+
+def _split_done(
+    samples: list[Sample], done: dict[str, Entry], pred_dir: Path | None, num_classes: int
+) -> tuple[list[int], ConfusionMatrix]:
+    """Indices still to score (not done, or done but its prediction PNG is missing) and the done counts."""
+    todo, prior = [], ConfusionMatrix(num_classes)
+    for i, s in enumerate(samples):
+        if s.id in done and (pred_dir is None or (pred_dir / f"{s.stem}.png").is_file()):
+            prior.add_sparse(*done[s.id])
+        else:
+            todo.append(i)
+    return todo, prior
+
+
+def _finish(store: ProgressStore, dist: DistInfo) -> None:
+    """Rank 0 folds every part file into one, once all ranks have saved theirs."""
+    if dist.world_size > 1:
+        tdist.barrier()
+    if dist.rank == 0:
+        store.consolidate()
+    if dist.world_size > 1:
+        tdist.barrier()
+
+
+def _run_images(
+    score: _Scorer,
+    samples: list[Sample],
+    store: ProgressStore,
+    pred_dir: Path | None,
+    workers: int,
+    save_every: int,
+    show: bool,
+) -> dict[str, Entry]:
+    """Score ``samples`` (decoded by ``workers`` loader processes); returns their sparse confusion entries,
+    saved to ``store`` every ``save_every`` images and when anything interrupts the loop."""
+    new: dict[str, Entry] = {}
+    if not samples:
+        return new
+    spec = score.spec
+    loader = torch.utils.data.DataLoader(
+        BenchmarkImages(samples, spec),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=identity_collate,  # type: ignore[arg-type]
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    running = ConfusionMatrix(spec.num_classes)
+    saved = 0
+    bar = tqdm(
+        total=len(samples), unit="img", desc=spec.name, disable=not show, dynamic_ncols=True, file=sys.stderr
+    )
+    try:
+        with _sigterm_as_interrupt():
+            for item in loader:
+                entry, mask = score(item)
+                new[item.sample.id] = entry
+                running.add_sparse(*entry)
+                if pred_dir is not None:
+                    save_prediction(mask, pred_dir / f"{item.sample.stem}.png", spec)
+                bar.update(1)
+                if len(new) % 10 == 0 or len(new) == len(samples):
+                    bar.set_postfix_str(f"mIoU {running.compute().miou * 100:.2f}", refresh=False)
+                if len(new) - saved >= save_every:
+                    store.save_part(new)
+                    saved = len(new)
+    finally:
+        bar.close()
+        if len(new) > saved:
+            store.save_part(new)
+        if len(new) < len(samples):
+            print(
+                f"resclip: progress saved ({len(new)} new images); rerun the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+    return new
