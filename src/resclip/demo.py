@@ -51,7 +51,6 @@ class DemoSettings:
             :func:`resclip.create_segmenter`.
         overrides: ``(key, value)`` setting overrides (``--set``).
         method, rcs, sfr: the page's initial choices.
-        max_pixels: larger uploads are processed from a downscaled copy (bounded memory).
     """
 
     model: str | None = None
@@ -65,7 +64,6 @@ class DemoSettings:
     method: str = "naclip"
     rcs: bool = True
     sfr: bool = True
-    max_pixels: int = 4_000_000
 
 
 @dataclass
@@ -152,7 +150,7 @@ def segment_image(
         raise ValueError(str(err)) from err
     seg = segmenter_variant(base, Variant(method, method, bool(rcs), bool(sfr)))
     spec, emb = seg.encode_classes(cast(Any, spec))
-    mask = segment_array(seg, rgb, spec, emb, settings.max_pixels)
+    mask = segment_array(seg, rgb, spec, emb)
     counts = viz.pixel_counts(mask, spec.num_classes)
     colours = viz.colorize(np.arange(spec.num_classes).reshape(1, -1), palette)[0]
     rows = [

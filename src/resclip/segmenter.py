@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .engine import DenseEngine
 from .fullres import FullResolution
-from .preprocess import ImageInput, load_image, normalise, resize_image, window_coords
+from .preprocess import ImageInput, load_image, normalise, rescale_size, resize_image, window_coords
 from .protocol import Protocol
 from .rcs import RCSConfig
 from .sfr import SFRConfig
@@ -136,6 +136,22 @@ class Segmenter:
         return spec, emb.to(self.device, torch.float32)
 
     # ------------------------------------------------------------------ image
+    def check_size(self, size: tuple[int, int]) -> None:
+        """Reject an image that stays thinner than one patch after resizing.
+
+        Raises:
+            ValueError: naming the image size, the resized size and the patch size.
+        """
+        h, w = size
+        nh, nw = rescale_size(h, w, self.protocol.short_side, self.protocol.long_side)
+        patch = self.engine.patch
+        if min(nh, nw) < patch:
+            raise ValueError(
+                f"image is {w}x{h} pixels: too thin to segment (resized to {nw}x{nh} it is narrower than "
+                f"one {patch}-pixel patch); crop or pad it to an aspect ratio below "
+                f"{self.protocol.long_side // patch}:1"
+            )
+
     def resized_input(self, rgb: np.ndarray) -> torch.Tensor:
         """``(H, W, 3)`` uint8 -> ``(1, 3, h1, w1)`` normalised float32 on the device."""
         resized = resize_image(rgb, self.protocol.short_side, self.protocol.long_side)
@@ -187,6 +203,7 @@ class Segmenter:
             A :class:`SegResult` at the original image size.
         """
         rgb = load_image(image)
+        self.check_size(rgb.shape[:2])
         spec, text = self.encode_classes(classes, embeddings)
         q2c = torch.tensor(spec.query_to_class, dtype=torch.int64, device=self.device)
         x = self.resized_input(rgb)

@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         masks = []
         for variant in variants:
             seg = segmenter_variant(base, variant)
-            masks.append((variant.label, segment_array(seg, rgb, spec, emb, 4_000_000)))
+            masks.append((variant.label, segment_array(seg, rgb, spec, emb)))
     figure = compare_figure(rgb, masks, spec.names, args.palette, args.height, args.columns)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, image_bytes(figure, out.suffix))

@@ -31,7 +31,6 @@ import contextlib
 import glob
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -41,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -49,11 +47,9 @@ from tqdm import tqdm
 
 from .. import __version__, viz
 from ..palettes import PALETTES
-from ..preprocess import load_image, rescale_size
-from ..protocol import Protocol
+from ..preprocess import load_image
 from ..segmenter import Segmenter
 from ..text import TEMPLATES, ClassSpec, parse_classes, read_class_file
-from ..vit import patch_size
 from .common import UserError, add_model_arguments, segmenter_from_args
 
 NAME = "segment"
@@ -198,54 +194,13 @@ def image_bytes(img: Image.Image, suffix: str = ".png") -> bytes:
     return buf.getvalue()
 
 
-def too_thin(h: int, w: int, protocol: Protocol, patch: int) -> str | None:
-    """Why an ``h x w`` image cannot be segmented (it stays thinner than a patch), or None."""
-    nh, nw = rescale_size(h, w, protocol.short_side, protocol.long_side)
-    if min(nh, nw) < patch:
-        return (f"image is {w}x{h} pixels: too thin to segment (resized to {nw}x{nh} it is narrower than "
-                f"one {patch}-pixel patch)")
-    return None
-
-
-def bounded_copy(rgb: np.ndarray, max_pixels: int, protocol: Protocol) -> np.ndarray:
-    """``rgb`` itself, or for an image above ``max_pixels`` a downscaled copy that is still at least
-    as large as what the model sees (the protocol's resized size)."""
-    h, w = rgb.shape[:2]
-    if h * w <= max_pixels:
-        return rgb
-    nh, nw = rescale_size(h, w, protocol.short_side, protocol.long_side)
-    scale = max(math.sqrt(max_pixels / (h * w)), nh / h, nw / w)
-    if scale >= 1.0:
-        return rgb
-    size = (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale)))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-
-
-def resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Nearest-neighbour resize of a class-index mask to ``h x w``."""
-    if mask.shape == (h, w):
-        return mask
-    out = cv2.resize(mask.astype(np.uint16), (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
-    return out.astype(np.int64)
-
-
-def segment_array(seg: Segmenter, rgb: np.ndarray, spec: ClassSpec, emb: torch.Tensor,
-                  max_pixels: int) -> np.ndarray:
-    """The ``(H, W)`` mask of one RGB image at its own size, memory bounded by ``max_pixels``.
+def segment_array(seg: Segmenter, rgb: np.ndarray, spec: ClassSpec, emb: torch.Tensor) -> np.ndarray:
+    """The ``(H, W)`` mask of one RGB image at its own size (the library bounds memory itself).
 
     Raises:
         ValueError: the image is too thin to segment.
     """
-    h, w = rgb.shape[:2]
-    reason = too_thin(h, w, seg.protocol, patch_size(seg.engine.visual))
-    if reason:
-        raise ValueError(reason)
-    work = bounded_copy(rgb, max_pixels, seg.protocol)
-    res = seg.predict(work, cast(Any, spec), embeddings=emb)  # a ClassSpec is parsed as is
-    return resize_mask(res.mask, h, w)
-
-
-# ------------------------------------------------------------------------------------------- inputs
+    return seg.predict(rgb, cast(Any, spec), embeddings=emb).mask  # a ClassSpec is parsed as is
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
@@ -389,8 +344,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--palette", choices=PALETTES, default="voc",
                         help="colours: voc (VOC bit palette, default; class 0 is black as VOC's background, "
                         "so list a background class first) or distinct (bright colours, many classes)")
-    parser.add_argument("--max-megapixels", type=float, default=4.0,
-                        help="process larger images from a downscaled copy (default: 4; bounds memory)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_model_arguments(parser, default_preset="default")
 
@@ -399,8 +352,6 @@ def run(args: argparse.Namespace) -> int:
     """Segment every image; returns 0, or 2 when some images failed."""
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if not args.max_megapixels > 0:
-        raise UserError(f"--max-megapixels must be > 0, got {args.max_megapixels}")
     lines, where = class_lines(args.classes, args.class_file)
     spec = validate_classes(lines, where)
     images = expand_inputs(args.images)
@@ -416,14 +367,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Tensor,
              args: argparse.Namespace) -> int:
-    max_pixels = int(args.max_megapixels * 1e6)
     failed: list[str] = []
     bar = tqdm(jobs, desc="segment", unit="image", disable=True if args.quiet or len(jobs) < 2 else None)
     for job in bar:
         try:
             with cli_warnings():
                 rgb = load_image(job.image)
-                mask = segment_array(seg, rgb, spec, emb, max_pixels)
+                mask = segment_array(seg, rgb, spec, emb)
             write_outputs(job, rgb, mask, spec, seg, args.palette, args.alpha)
         except (ValueError, OSError, RuntimeError, MemoryError, Image.DecompressionBombError) as err:
             message = str(err) if str(job.image) in str(err) else f"{str(job.image)!r}: {err}"
