@@ -11,6 +11,6 @@ fi
 EXTRAS=viz,demo bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-ruff check src tests benchmarks
+ruff check .
 mypy
 python -m pytest -q "$@"

@@ -22,12 +22,14 @@ def _axis(
     float64, where the product is exact, and rounded once), ``i0 = floor(src)``,
     ``i1 = i0 + (i0 < in - 1)``, ``w1 = src - i0``, ``w0 = 1 - w1``.
     """
+    # computed on the CPU (float64 is missing on some accelerators), then moved
     scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
-    dst = torch.arange(start, stop, dtype=torch.float32, device=device) + 0.5
-    src = (scale.double().to(device) * dst.double() - 0.5).float().clamp(min=0.0)
+    dst = torch.arange(start, stop, dtype=torch.float32) + 0.5
+    src = (scale.double() * dst.double() - 0.5).float().clamp(min=0.0)
     i0 = src.to(torch.int64)
     i1 = i0 + (i0 < in_size - 1).to(torch.int64)
     w1 = torch.clamp(src - i0.to(torch.float32), 0.0, 1.0)
+    i0, i1, w1 = i0.to(device), i1.to(device), w1.to(device)
     return i0, i1, 1.0 - w1, w1
 
 
@@ -71,7 +73,7 @@ def bilinear_rows_exact(x: torch.Tensor, size: tuple[int, int], start: int, stop
 
 def _fused_lerp(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
     """``fma(w0, a, w1 * b)`` for float32 inputs (plain arithmetic for other dtypes)."""
-    if a.dtype != torch.float32:
+    if a.dtype != torch.float32 or a.device.type == "mps":  # MPS has no float64
         return w0.to(a.dtype) * a + w1.to(a.dtype) * b
     return (w0.double() * a.double() + (w1 * b).double()).float()
 

@@ -1,0 +1,1156 @@
+#!/usr/bin/env python
+"""Time and measure the memory of ``Segmenter.predict`` for every method, with and without RCS / SFR.
+
+Every configuration runs in a fresh child process (this script with ``--child``), so that its peak
+memory is its own; the parent only plans, collects and reports. Speed does not depend on weight
+values, so the models are real-size (ViT-B/16, ViT-L/14) with random weights, and the text encoder is
+left out: every query gets a precomputed random unit embedding.
+
+Per configuration: median / min / max seconds per ``predict`` over ``--repeat`` runs after ``--warmup``
+runs, the peak RSS and the peak over the RSS right after model creation, and page faults per image.
+Ratios are measured side by side inside one child, with the runs interleaved (A B B A ...), so that a
+drift of the machine's load cancels:
+
+* ResCLIP (RCS + SFR; RCS alone for a method without attention scores) over its own baseline,
+* batched windows (``window_batch`` 8) over one window at a time (sliding-window workload),
+* the share of ``predict`` time spent in SFR (timed by wrapping the engine's SFR steps, and by the
+  difference between the RCS and RCS + SFR rows).
+
+Examples::
+
+    python benchmarks/bench_predict.py --quick
+    python benchmarks/bench_predict.py --models "ViT-B-16,ViT-L-14@voc21/naclip" --repeat 3
+    python benchmarks/bench_predict.py --device cuda --precision fp16 --throughput 1000 --no-table
+    python benchmarks/bench_predict.py --quick \
+        --malloc-env "MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824"
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SCHEMA = 1
+
+ALL_METHODS = ("clearclip", "clip", "maskclip", "naclip", "sclip")
+# Methods whose last block has no attention scores (identity attention): SFR cannot apply to them.
+SFR_UNSUPPORTED = frozenset({"maskclip"})
+VARIANTS: dict[str, tuple[bool, bool]] = {
+    "base": (False, False),
+    "rcs": (True, False),
+    "sfr": (False, True),
+    "rcs+sfr": (True, True),
+}
+ENV_KEYS = re.compile(r"^(MALLOC_\w*|LD_PRELOAD|GLIBC_TUNABLES|OMP_NUM_THREADS|MKL_NUM_THREADS|PYTORCH_\w*)$")
+TEXT_NOTE = (
+    "text encoder excluded: every query gets a precomputed random unit embedding (seeded), "
+    "passed as predict(..., embeddings=...)"
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark workload: a preset (protocol + RCS/SFR settings) and its class file."""
+
+    name: str
+    preset: str
+    class_file: str
+    description: str
+
+
+WORKLOADS: dict[str, Workload] = {
+    "voc21": Workload("voc21", "voc21", "voc21.txt", "VOC21 protocol: whole image, short side 336"),
+    "context60": Workload(
+        "context60", "context60", "context60.txt", "Context60 protocol: short side 336, sliding 224/112"
+    ),
+    "ade20k": Workload("ade20k", "ade20k", "ade20k.txt", "ADE20K protocol: short side 336, sliding 224/112"),
+}
+
+
+# ============================================================================== synthetic image
+
+
+def synthetic_image(
+    height: int, width: int, seed: int = 0, out: np.ndarray | None = None, regions: int = 16
+) -> np.ndarray:
+    """A deterministic natural-looking RGB image: warped smooth regions, shading, texture and noise.
+
+    Generated in bands of 64 rows (each band's noise has its own seed), so a huge image needs only
+    the output array plus a few band-sized temporaries, and any size is reproducible.
+
+    Args:
+        height, width: size in pixels.
+        seed: all randomness derives from it.
+        out: optional ``(height, width, 3)`` uint8 array to fill (else one is allocated).
+        regions: number of smooth regions.
+
+    Returns:
+        ``(height, width, 3)`` uint8.
+    """
+    if out is None:
+        out = np.empty((height, width, 3), dtype=np.uint8)
+    if out.shape != (height, width, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out must be a ({height}, {width}, 3) uint8 array, got {out.shape} {out.dtype}")
+    rng = np.random.default_rng(seed)
+    centres = rng.random((regions, 2)).astype(np.float32)
+    base = rng.uniform(30, 225, (regions, 3)).astype(np.float32)
+    grad = rng.uniform(-60, 60, (regions, 2, 3)).astype(np.float32)
+    texture = rng.uniform(0, 10, regions).astype(np.float32)
+    phase = rng.random(6).astype(np.float32) * np.float32(2 * math.pi)
+    two_pi = np.float32(2 * math.pi)
+    xx = ((np.arange(width, dtype=np.float32) + 0.5) / width)[None, :]
+    band = 64
+    for block, y0 in enumerate(range(0, height, band)):
+        y1 = min(height, y0 + band)
+        yy = ((np.arange(y0, y1, dtype=np.float32) + 0.5) / height)[:, None]
+        wy = (
+            yy
+            + 0.04 * np.sin(two_pi * 3 * xx + phase[0])
+            + 0.03 * np.sin(two_pi * (5 * yy + 2 * xx) + phase[1])
+        )
+        wx = (
+            xx
+            + 0.04 * np.sin(two_pi * 4 * yy + phase[2])
+            + 0.03 * np.sin(two_pi * (3 * xx - 2 * yy) + phase[3])
+        )
+        best = np.full(wy.shape, np.inf, dtype=np.float32)
+        label = np.zeros(wy.shape, dtype=np.int16)
+        for k in range(regions):
+            d = (wy - centres[k, 0]) ** 2 + (wx - centres[k, 1]) ** 2
+            closer = d < best
+            best = np.where(closer, d, best)
+            label[closer] = k
+        dy = (wy - centres[label, 0])[..., None]
+        dx = (wx - centres[label, 1])[..., None]
+        rgb = base[label] + dy * grad[label, 0] + dx * grad[label, 1]
+        shade = 18 * np.sin(two_pi * (1.3 * xx + 0.7 * yy) + phase[4])
+        tex = texture[label] * np.sin(two_pi * 40 * wx + phase[5]) * np.sin(two_pi * 37 * wy)
+        rgb += (shade + tex)[..., None]
+        noise = np.random.default_rng([seed, block]).standard_normal(rgb.shape, dtype=np.float32)
+        rgb += 4.0 * noise
+        np.clip(rgb + 0.5, 0, 255, out=rgb)
+        out[y0:y1] = rgb.astype(np.uint8)
+    return out
+
+
+# ============================================================================== process measurements
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux ``/proc/self/statm``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def maxrss_bytes() -> int:
+    """``ru_maxrss`` of this process in bytes (kB on Linux, bytes on macOS)."""
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(value) if sys.platform == "darwin" else int(value) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak-RSS high-water mark (Linux ``clear_refs`` 5; it also resets ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def page_faults() -> tuple[int, int]:
+    """(minor, major) page faults of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return int(usage.ru_minflt), int(usage.ru_majflt)
+
+
+def mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
+def summary(times: Sequence[float]) -> dict[str, Any]:
+    return {
+        "times_s": [round(t, 4) for t in times],
+        "median_s": round(statistics.median(times), 4),
+        "min_s": round(min(times), 4),
+        "max_s": round(max(times), 4),
+    }
+
+
+# ============================================================================== environment
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    """The host as far as it matters for timings (no torch import: the parent stays light)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+    libc = " ".join(platform.libc_ver()).strip()
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "mem_total_gib": mem_total_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "libc": libc,
+    }
+
+
+def machine_slug(device: str) -> str:
+    cpu = re.sub(r"\(.*?\)|processor|cpu|\d+-core", " ", cpu_model().lower())
+    cpu = "-".join(re.findall(r"[a-z0-9]+", cpu)[:3]) or "cpu"
+    return f"{cpu}-{os.cpu_count()}c" + ("" if device == "cpu" else f"-{device.split(':')[0]}")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in ("torch", "open_clip_torch", "numpy", "opencv-python-headless", "resclip"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def relevant_env(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """Allocator and threading variables of an environment."""
+    return {k: v for k, v in sorted(env.items()) if ENV_KEYS.match(k)}
+
+
+def parse_env_assignments(text: str) -> dict[str, str]:
+    """``"A=1 B=2"`` -> ``{"A": "1", "B": "2"}``."""
+    out: dict[str, str] = {}
+    for item in shlex.split(text):
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", name):
+            raise argparse.ArgumentTypeError(f"--malloc-env: expected NAME=VALUE items, got {item!r}")
+        out[name] = value
+    return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ============================================================================== child side
+
+
+def _sync(device: str) -> Callable[[], None]:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _class_file(name: str) -> Path:
+    import resclip
+
+    return Path(resclip.__file__).parent / "data" / "class_names" / name
+
+
+def _random_embeddings(num_queries: int, dim: int, seed: int) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(num_queries, dim, generator=g)
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def _register_configs(paths: Sequence[str]) -> None:
+    import open_clip
+
+    for p in paths:
+        open_clip.add_model_config(p)
+
+
+def _make_segmenter(spec: dict[str, Any], rcs: bool, sfr: bool, window_batch: int | None = None) -> Any:
+    import torch
+
+    import resclip
+
+    overrides: dict[str, Any] = {}
+    if spec.get("rcs_layers"):
+        overrides["rcs_layers"] = tuple(spec["rcs_layers"])
+    torch.manual_seed(spec["seed"])
+    return resclip.create_segmenter(
+        spec["method"],
+        rcs=rcs,
+        sfr=sfr,
+        preset=spec["preset"],
+        model=spec["model"],
+        pretrained=spec.get("pretrained"),
+        device=spec["device"],
+        precision=spec["precision"],
+        window_batch=window_batch or spec["window_batch"],
+        text_cache=False,
+        trunk_attention=spec.get("trunk_attention"),
+        **overrides,
+    )
+
+
+def _mask_digest(mask: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(mask).tobytes()).hexdigest()[:16]
+
+
+def _timed(sync: Callable[[], None], fn: Callable[[], Any]) -> tuple[float, Any]:
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def _interleaved(
+    sync: Callable[[], None], runs: dict[str, Callable[[], Any]], repeat: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Time several callables side by side: warm-up each, then ``repeat`` rounds in A B / B A order."""
+    names = list(runs)
+    digests: dict[str, str] = {}
+    for name in names:
+        for _ in range(warmup):
+            runs[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeat):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t, res = _timed(sync, runs[name])
+            times[name].append(t)
+            digests[name] = _mask_digest(res.mask)
+    return times, digests
+
+
+class _SFRClock:
+    """Times the SFR steps of ``DenseEngine.window_logits`` by wrapping the functions it calls.
+
+    SFR adds to a window batch: a first last-block pass (attention, block output, projection, patch
+    logits: the first call of each inside a ``window_logits`` call), the first-pass pixel labels
+    (upsampling, PAMR, softmax, argmax), the patch label map, and the refinement scores (path check,
+    distance decay, smoothing, normalisation). The mix into the second pass's scores is not counted.
+    """
+
+    FIRST_PASS = ("attention", "last_block_output", "project_tokens", "patch_logits")
+
+    def __init__(self, sync: Callable[[], None], sfr_on: bool) -> None:
+        self.sync = sync
+        self.sfr_on = sfr_on
+        self.total: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+        self._seen: set[str] = set()
+
+    def _add(self, table: dict[str, float], name: str, seconds: float) -> None:
+        table[name] = table.get(name, 0.0) + seconds
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if name == "window_logits":
+                self._seen = set()
+            self.sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.sync()
+            seconds = time.perf_counter() - t0
+            self._add(self.total, name, seconds)
+            if name in self.FIRST_PASS and name not in self._seen:
+                self._seen.add(name)
+                if self.sfr_on:
+                    self._add(self.first, name, seconds)
+            return out
+
+        return timed
+
+    @contextmanager
+    def installed(self, seg: Any) -> Iterator[None]:
+        import resclip.engine as engine_mod
+        import resclip.sfr as sfr_mod
+
+        patches: list[tuple[Any, str]] = [
+            (engine_mod, n)
+            for n in (
+                "encode_trunk",
+                "last_block_output",
+                "project_tokens",
+                "patch_logits",
+                "pixel_labels",
+                "patch_mode",
+                "refinement_scores",
+            )
+        ]
+        patches += [(sfr_mod, n) for n in ("pamr", "valid_path_line", "valid_path_connected")]
+        saved = [(obj, n, getattr(obj, n)) for obj, n in patches]
+        engine = seg.engine
+        try:
+            for obj, n, fn in saved:
+                setattr(obj, n, self.wrap(n, fn))
+            engine.attention = self.wrap("attention", engine.attention)
+            engine.window_logits = self.wrap("window_logits", engine.window_logits)
+            yield
+        finally:
+            for obj, n, fn in saved:
+                setattr(obj, n, fn)
+            del engine.attention
+            del engine.window_logits
+
+    def report(self, predict_s: float) -> dict[str, Any]:
+        t = self.total
+        first_pass = sum(self.first.values())
+        pamr_s = t.get("pamr", 0.0)
+        path_s = t.get("valid_path_line", 0.0) + t.get("valid_path_connected", 0.0)
+        labels_s = t.get("pixel_labels", 0.0)
+        label_map_s = t.get("patch_mode", 0.0)
+        scores_s = t.get("refinement_scores", 0.0)
+        sfr_total = first_pass + labels_s + label_map_s + scores_s
+        parts = {
+            "first_pass_s": first_pass,
+            "pamr_s": pamr_s,
+            "pixel_labels_other_s": labels_s - pamr_s,
+            "label_map_s": label_map_s,
+            "path_check_s": path_s,
+            "scores_other_s": scores_s - path_s,
+        }
+        return {
+            "predict_s": round(predict_s, 4),
+            "window_logits_s": round(t.get("window_logits", 0.0), 4),
+            "trunk_s": round(t.get("encode_trunk", 0.0), 4),
+            "outside_windows_s": round(predict_s - t.get("window_logits", 0.0), 4),
+            "sfr_total_s": round(sfr_total, 4),
+            "sfr_parts_s": {k: round(v, 4) for k, v in parts.items()},
+            "sfr_share": round(sfr_total / predict_s, 4) if predict_s > 0 else None,
+            "note": "one instrumented predict (synchronised timers around the engine's SFR steps); "
+            "sfr_total = first last-block pass + pixel labels (incl. PAMR) + label map + refinement "
+            "scores (incl. path check)",
+        }
+
+
+def _child_versions() -> dict[str, Any]:
+    import open_clip
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "torch_parallel_info": torch.__config__.parallel_info().splitlines()[:6],
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "env": relevant_env(os.environ),
+    }
+
+
+def _setup_child(spec: dict[str, Any]) -> None:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+    if spec["threads"] > 0:
+        torch.set_num_threads(spec["threads"])
+    _register_configs(spec.get("model_configs") or [])
+
+
+def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration (runs inside the fresh child process)."""
+    import torch
+
+    from resclip.preprocess import resize_image, window_coords
+    from resclip.text import parse_classes, read_class_file
+
+    _setup_child(spec)
+    sync = _sync(spec["device"])
+    cuda = spec["device"].startswith("cuda")
+    h, w = spec["image_size"]
+    image = synthetic_image(h, w, spec["seed"])
+    lines = read_class_file(_class_file(spec["class_file"]))
+    classes = parse_classes(lines)
+    rss_before_model = current_rss_bytes()
+    t0 = time.perf_counter()
+    try:
+        seg = _make_segmenter(spec, spec["rcs"], spec["sfr"])
+    except ValueError as exc:
+        return {"status": "unsupported", "reason": str(exc)}
+    create_s = time.perf_counter() - t0
+    emb = _random_embeddings(classes.num_queries, seg.embed_dim, spec["seed"])
+    sync()
+    rss_after_model = current_rss_bytes()
+    creation_peak = maxrss_bytes()
+    reset_ok = reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
+    faults0 = page_faults()
+
+    def run() -> Any:
+        return seg.predict(image, lines, embeddings=emb)
+
+    for _ in range(spec["warmup"]):
+        run()
+    times: list[float] = []
+    result = None
+    for _ in range(spec["repeat"]):
+        t, result = _timed(sync, run)
+        times.append(t)
+    faults1 = page_faults()
+    runs = spec["warmup"] + spec["repeat"]
+    predict_peak = maxrss_bytes()
+    assert result is not None
+    p = seg.protocol
+    resized = resize_image(image, p.short_side, p.long_side)
+    out: dict[str, Any] = {
+        "status": "ok",
+        **summary(times),
+        "model_create_s": round(create_s, 3),
+        "windows": len(window_coords(resized.shape[0], resized.shape[1], p.slide_crop, p.slide_stride)),
+        "resized_hw": list(resized.shape[:2]),
+        "num_queries": classes.num_queries,
+        "num_classes": classes.num_classes,
+        "mask_shape": list(result.mask.shape),
+        "mask_dtype": str(result.mask.dtype),
+        "mask_digest": _mask_digest(result.mask),
+        "trunk_attention": "explicit" if seg.engine.explicit else "fused",
+        "config": seg.config.to_dict(),
+        "memory": {
+            "rss_before_model_mib": mib(rss_before_model),
+            "rss_after_model_mib": mib(rss_after_model),
+            "model_creation_peak_mib": mib(creation_peak),
+            "peak_rss_mib": mib(max(creation_peak, predict_peak)),
+            "predict_peak_rss_mib": mib(predict_peak),
+            "predict_peak_over_model_mib": mib(predict_peak - rss_after_model),
+            "peak_reset_after_model": reset_ok,
+            "minor_faults_per_image": round((faults1[0] - faults0[0]) / max(1, runs)),
+            "major_faults_per_image": round((faults1[1] - faults0[1]) / max(1, runs)),
+        },
+        "versions": _child_versions(),
+    }
+    if cuda:
+        out["memory"]["cuda_peak_allocated_mib"] = mib(torch.cuda.max_memory_allocated())
+        out["memory"]["cuda_peak_over_model_mib"] = mib(torch.cuda.max_memory_allocated() - cuda_base)
+    if spec.get("profile_sfr") and seg.config.sfr is not None:
+        clock = _SFRClock(sync, sfr_on=True)
+        with clock.installed(seg):
+            t, _ = _timed(sync, run)
+        out["sfr_profile"] = clock.report(t)
+    if spec.get("pair_with_base"):
+        base = _make_segmenter(spec, False, False)
+        pair_runs = {
+            "resclip": run,
+            "base": lambda: base.predict(image, lines, embeddings=emb),
+        }
+        pair_times, digests = _interleaved(sync, pair_runs, spec["repeat"], warmup=spec["warmup"])
+        out["pair_with_base"] = {
+            "resclip": summary(pair_times["resclip"]),
+            "base": summary(pair_times["base"]),
+            "ratio": round(
+                statistics.median(pair_times["resclip"]) / statistics.median(pair_times["base"]), 4
+            ),
+        }
+        del base
+    if spec.get("batch_compare") and out["windows"] > 1:
+
+        def one_at_a_time() -> Any:
+            seg.window_batch = 1
+            try:
+                return seg.predict(image, lines, embeddings=emb)
+            finally:
+                seg.window_batch = spec["window_batch"]
+
+        batch_times, digests = _interleaved(
+            sync, {"batched": run, "single": one_at_a_time}, spec["repeat"], warmup=spec["warmup"]
+        )
+        out["batch_compare"] = {
+            "window_batch": spec["window_batch"],
+            "batched": summary(batch_times["batched"]),
+            "single": summary(batch_times["single"]),
+            "ratio": round(
+                statistics.median(batch_times["batched"]) / statistics.median(batch_times["single"]), 4
+            ),
+            "identical_masks": digests["batched"] == digests["single"],
+        }
+    return out
+
+
+def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
+    """Images per second of ResCLIP over a synthetic set (runs inside the fresh child process)."""
+    import torch
+
+    from resclip.text import parse_classes, read_class_file
+
+    _setup_child(spec)
+    sync = _sync(spec["device"])
+    n = spec["throughput"]
+    h, w = spec["image_size"]
+    pool = [synthetic_image(h, w, spec["seed"] + i) for i in range(min(n, spec["pool"]))]
+    lines = read_class_file(_class_file(spec["class_file"]))
+    classes = parse_classes(lines)
+    seg = _make_segmenter(spec, True, True)
+    emb = _random_embeddings(classes.num_queries, seg.embed_dim, spec["seed"])
+    rss_after_model = current_rss_bytes()
+    reset_ok = reset_peak_rss()
+    if spec["device"].startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(spec["warmup_images"]):
+        seg.predict(pool[i % len(pool)], lines, embeddings=emb)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(n):
+        res = seg.predict(pool[i % len(pool)], lines, embeddings=emb)
+        assert res.mask.shape == (h, w)
+    sync()
+    total = time.perf_counter() - t0
+    out: dict[str, Any] = {
+        "status": "ok",
+        "images": n,
+        "distinct_images": len(pool),
+        "warmup_images": spec["warmup_images"],
+        "total_s": round(total, 3),
+        "images_per_s": round(n / total, 3),
+        "seconds_per_image": round(total / n, 4),
+        "config": seg.config.to_dict(),
+        "memory": {
+            "rss_after_model_mib": mib(rss_after_model),
+            "predict_peak_rss_mib": mib(maxrss_bytes()),
+            "peak_reset_after_model": reset_ok,
+        },
+        "versions": _child_versions(),
+        "note": "in-memory uint8 images (no decoding), one predict per image, masks copied to the host; "
+        + TEXT_NOTE,
+    }
+    if spec["device"].startswith("cuda"):
+        out["memory"]["cuda_peak_allocated_mib"] = mib(torch.cuda.max_memory_allocated())
+    return out
+
+
+def child_main(spec_json: str, out_path: str) -> int:
+    spec = json.loads(spec_json)
+    try:
+        result = child_throughput(spec) if spec["kind"] == "throughput" else child_predict(spec)
+    except Exception as exc:  # reported to the parent, which keeps going
+        result = {
+            "status": "error",
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+    Path(out_path).write_text(json.dumps(result))
+    return 0 if result["status"] in ("ok", "unsupported") else 1
+
+
+# ============================================================================== parent side
+
+
+def run_child(spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run one configuration in a fresh interpreter and return its JSON result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), str(out)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "error": f"timed out after {timeout:.0f} s"}
+        wall = time.perf_counter() - t0
+        if not out.exists():
+            tail = (proc.stderr or proc.stdout)[-2000:]
+            return {"status": "error", "error": f"child exited with {proc.returncode}", "stderr": tail}
+        result: dict[str, Any] = json.loads(out.read_text())
+        result["child_wall_s"] = round(wall, 2)
+        return result
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[x,]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 375x500, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A model and the workloads / methods it runs (``NAME@w1+w2/m1+m2``)."""
+
+    name: str
+    workloads: tuple[str, ...] | None
+    methods: tuple[str, ...] | None
+
+
+def parse_models(text: str) -> list[ModelPlan]:
+    plans = []
+    for item in split_list(text):
+        name, _, scope = item.partition("@")
+        workloads = methods = None
+        if scope:
+            w_part, _, m_part = scope.partition("/")
+            workloads = tuple(w for w in w_part.split("+") if w) or None
+            methods = tuple(m for m in m_part.split("+") if m) or None
+        plans.append(ModelPlan(name.strip(), workloads, methods))
+    return plans
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each configuration runs in its own child process; see the module docstring.",
+    )
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated open_clip names (default ViT-B-16,ViT-L-14); NAME@WORKLOADS/METHODS "
+        "restricts one model, e.g. ViT-L-14@voc21/naclip ('+' separates several); 'infer' takes the "
+        "architecture from --pretrained",
+    )
+    ap.add_argument("--methods", default=None, help=f"comma-separated (default all: {','.join(ALL_METHODS)})")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="subset of base,rcs,sfr,rcs+sfr")
+    ap.add_argument("--workloads", default="voc21,context60", help=f"of {','.join(WORKLOADS)}")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per configuration (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each child (0: torch default)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    ap.add_argument("--quick", action="store_true", help="ViT-B-16 only, naclip only, repeat 1")
+    ap.add_argument(
+        "--throughput",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time ResCLIP (naclip, RCS+SFR, VOC21 protocol: short side 336) over N synthetic images",
+    )
+    ap.add_argument("--no-table", action="store_true", help="skip the per-configuration table")
+    ap.add_argument("--no-pairs", action="store_true", help="skip the interleaved ratio measurements")
+    ap.add_argument("--no-profile", action="store_true", help="skip the instrumented SFR-share run")
+    ap.add_argument(
+        "--malloc-env",
+        default="",
+        help='allocator settings for the children, e.g. "MALLOC_MMAP_THRESHOLD_=1073741824 '
+        'MALLOC_TRIM_THRESHOLD_=1073741824" (recorded in the output)',
+    )
+    ap.add_argument(
+        "--pretrained", default=None, help="open_clip tag or local file (default: random weights)"
+    )
+    ap.add_argument(
+        "--model-config", action="append", default=[], help="open_clip config file/dir to register"
+    )
+    ap.add_argument("--rcs-layers", default=None, help="override RCS layers, e.g. 1,2 (for tiny test models)")
+    ap.add_argument(
+        "--trunk-attention", default=None, choices=("explicit", "fused"), help="default: preset's"
+    )
+    ap.add_argument("--window-batch", type=int, default=8, help="windows per forward pass (default 8)")
+    ap.add_argument("--image-size", type=parse_size, default=(375, 500), help="HxW (default 375x500)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
+    ap.add_argument(
+        "--output", default=None, help="JSON path (default benchmarks/results/<date>_<machine>.json)"
+    )
+    ap.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    return ap
+
+
+def resolve_args(args: argparse.Namespace) -> None:
+    if args.models is None:
+        args.models = "ViT-B-16" if args.quick else "ViT-B-16,ViT-L-14"
+    if args.methods is None:
+        args.methods = "naclip" if args.quick else ",".join(ALL_METHODS)
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1 or args.warmup < 0:
+        raise SystemExit("--repeat must be >= 1 and --warmup >= 0")
+    for w in split_list(args.workloads):
+        if w not in WORKLOADS:
+            raise SystemExit(f"unknown workload {w!r}; valid: {', '.join(WORKLOADS)}")
+    for v in split_list(args.variants):
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+
+
+def resclip_variant(method: str) -> str:
+    """The ResCLIP configuration of a base method: RCS + SFR, or RCS alone without attention scores."""
+    return "rcs" if method in SFR_UNSUPPORTED else "rcs+sfr"
+
+
+def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    specs = []
+    rcs_layers = [int(x) for x in split_list(args.rcs_layers)] if args.rcs_layers else None
+    for plan in parse_models(args.models):
+        workloads = [w for w in split_list(args.workloads) if plan.workloads is None or w in plan.workloads]
+        methods = [m for m in split_list(args.methods) if plan.methods is None or m in plan.methods]
+        for wl_name in workloads:
+            wl = WORKLOADS[wl_name]
+            for method in methods:
+                for variant in split_list(args.variants):
+                    if method in SFR_UNSUPPORTED and VARIANTS[variant][1]:
+                        continue
+                    rcs, sfr = VARIANTS[variant]
+                    is_resclip = variant == resclip_variant(method)
+                    specs.append(
+                        {
+                            "kind": "predict",
+                            "model": None if plan.name == "infer" else plan.name,
+                            "model_label": plan.name,
+                            "pretrained": args.pretrained,
+                            "model_configs": [str(Path(p).resolve()) for p in args.model_config],
+                            "workload": wl_name,
+                            "preset": wl.preset,
+                            "class_file": wl.class_file,
+                            "method": method,
+                            "variant": variant,
+                            "rcs": rcs,
+                            "sfr": sfr,
+                            "resclip": is_resclip,
+                            "image_size": list(args.image_size),
+                            "threads": args.threads,
+                            "device": args.device,
+                            "precision": args.precision,
+                            "window_batch": args.window_batch,
+                            "trunk_attention": args.trunk_attention,
+                            "rcs_layers": rcs_layers,
+                            "warmup": args.warmup,
+                            "repeat": args.repeat,
+                            "seed": args.seed,
+                            "profile_sfr": sfr and not args.no_profile,
+                            "pair_with_base": is_resclip and not args.no_pairs,
+                            "batch_compare": is_resclip and not args.no_pairs,
+                        }
+                    )
+    return specs
+
+
+def throughput_spec(args: argparse.Namespace) -> dict[str, Any]:
+    plan = parse_models(args.models)[0]
+    return {
+        "kind": "throughput",
+        "model": None if plan.name == "infer" else plan.name,
+        "model_label": plan.name,
+        "pretrained": args.pretrained,
+        "model_configs": [str(Path(p).resolve()) for p in args.model_config],
+        "workload": "voc21",
+        "preset": "voc21",
+        "class_file": "voc21.txt",
+        "method": "naclip",
+        "image_size": list(args.image_size),
+        "threads": args.threads,
+        "device": args.device,
+        "precision": args.precision,
+        "window_batch": args.window_batch,
+        "trunk_attention": args.trunk_attention,
+        "rcs_layers": [int(x) for x in split_list(args.rcs_layers)] if args.rcs_layers else None,
+        "seed": args.seed,
+        "throughput": args.throughput,
+        "pool": 32,
+        "warmup_images": max(1, min(3, args.throughput)),
+    }
+
+
+# ------------------------------------------------------------------ ratios and tables
+
+
+def _key(r: dict[str, Any]) -> tuple[str, str, str]:
+    return r["model"], r["workload"], r["method"]
+
+
+def compute_ratios(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    by = {(*_key(r), r["variant"]): r for r in ok}
+    over_base, batched, share = [], [], []
+    for r in ok:
+        if not r["resclip"]:
+            continue
+        model, workload, method = _key(r)
+        base = by.get((model, workload, method, "base"))
+        entry: dict[str, Any] = {
+            "model": model,
+            "workload": workload,
+            "method": method,
+            "resclip_variant": r["variant"],
+            "ratio_interleaved": r.get("pair_with_base", {}).get("ratio"),
+            "ratio_separate_runs": round(r["median_s"] / base["median_s"], 4) if base else None,
+            "resclip_median_s": r.get("pair_with_base", {}).get("resclip", {}).get("median_s"),
+            "base_median_s": r.get("pair_with_base", {}).get("base", {}).get("median_s"),
+        }
+        over_base.append(entry)
+        if "batch_compare" in r:
+            bc = r["batch_compare"]
+            batched.append(
+                {
+                    "model": model,
+                    "workload": workload,
+                    "method": method,
+                    "variant": r["variant"],
+                    "windows": r["windows"],
+                    "window_batch": bc["window_batch"],
+                    "batched_median_s": bc["batched"]["median_s"],
+                    "one_at_a_time_median_s": bc["single"]["median_s"],
+                    "ratio": bc["ratio"],
+                    "identical_masks": bc["identical_masks"],
+                }
+            )
+    for r in ok:
+        if not r["sfr"]:
+            continue
+        model, workload, method = _key(r)
+        without = by.get((model, workload, method, "rcs" if r["rcs"] else "base"))
+        prof = r.get("sfr_profile") or {}
+        share.append(
+            {
+                "model": model,
+                "workload": workload,
+                "method": method,
+                "variant": r["variant"],
+                "share_profiled": prof.get("sfr_share"),
+                "sfr_parts_s": prof.get("sfr_parts_s"),
+                "profiled_predict_s": prof.get("predict_s"),
+                "share_by_difference": round(1 - without["median_s"] / r["median_s"], 4) if without else None,
+                "difference_against": without["variant"] if without else None,
+            }
+        )
+    return {"resclip_over_baseline": over_base, "batched_over_one_at_a_time": batched, "sfr_share": share}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| model | workload | method | RCS | SFR | windows | median s | min s | max s | x base "
+        "| peak RSS MiB | predict peak - model MiB | faults/img |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    medians = {(*_key(r), r["variant"]): r["median_s"] for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        model, workload, method = _key(r)
+        if r.get("status") != "ok":
+            lines.append(
+                f"| {model} | {workload} | {method} | {_yes(r['rcs'])} | {_yes(r['sfr'])} | "
+                f"{r.get('status')}: {str(r.get('error') or r.get('reason', ''))[:60]} |||||||"
+            )
+            continue
+        base = medians.get((model, workload, method, "base"))
+        mem = r["memory"]
+        lines.append(
+            f"| {model} | {workload} | {method} | {_yes(r['rcs'])} | {_yes(r['sfr'])} | {r['windows']} "
+            f"| {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} "
+            f"| {_fmt(r['median_s'] / base if base else None, 2)} | {mem['peak_rss_mib']:.0f} "
+            f"| {mem['predict_peak_over_model_mib']:.0f} | {mem['minor_faults_per_image']} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown_ratios(ratios: dict[str, list[dict[str, Any]]]) -> str:
+    out = [
+        "ResCLIP over its own baseline (time ratio; interleaved runs in one process, and separate runs):",
+        "",
+        "| model | workload | method | ResCLIP = | interleaved | separate runs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in ratios["resclip_over_baseline"]:
+        out.append(
+            f"| {e['model']} | {e['workload']} | {e['method']} | {e['resclip_variant']} "
+            f"| {_fmt(e['ratio_interleaved'], 2)} | {_fmt(e['ratio_separate_runs'], 2)} |"
+        )
+    out += [
+        "",
+        "Batched windows over one window at a time (time ratio, interleaved runs):",
+        "",
+        "| model | workload | method | windows | batch | batched s | one-at-a-time s | ratio | same mask |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in ratios["batched_over_one_at_a_time"]:
+        out.append(
+            f"| {e['model']} | {e['workload']} | {e['method']} ({e['variant']}) | {e['windows']} "
+            f"| {e['window_batch']} | {e['batched_median_s']:.3f} | {e['one_at_a_time_median_s']:.3f} "
+            f"| {e['ratio']:.2f} | {'yes' if e['identical_masks'] else 'no'} |"
+        )
+    out += [
+        "",
+        "Share of predict time in SFR (profiled: first last-block pass + pixel labels incl. PAMR + label "
+        "map + refinement scores incl. path check; by difference: 1 - t(without SFR) / t(with SFR)):",
+        "",
+        "| model | workload | method | variant | profiled | PAMR s | path check s | first pass s "
+        "| by difference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in ratios["sfr_share"]:
+        parts = e["sfr_parts_s"] or {}
+        out.append(
+            f"| {e['model']} | {e['workload']} | {e['method']} | {e['variant']} "
+            f"| {_fmt(e['share_profiled'], 2)} | {_fmt(parts.get('pamr_s'))} "
+            f"| {_fmt(parts.get('path_check_s'))} "
+            f"| {_fmt(parts.get('first_pass_s'))} | {_fmt(e['share_by_difference'], 2)} |"
+        )
+    return "\n".join(out)
+
+
+def markdown_throughput(t: dict[str, Any]) -> str:
+    if t.get("status") != "ok":
+        return f"Throughput: {t.get('status')}: {t.get('error')}"
+    return (
+        f"Throughput ({t['model']}, naclip RCS+SFR, VOC21 protocol, {t['device']} {t['precision']}): "
+        f"{t['images_per_s']:.2f} images/s, {t['images']} images in {t['total_s']:.1f} s "
+        f"({t['distinct_images']} distinct synthetic images, {t['warmup_images']} warm-up)"
+    )
+
+
+def default_output(args: argparse.Namespace, date: str) -> Path:
+    tag = "_quick" if args.quick else ""
+    return RESULTS / f"bench_predict_{date}_{machine_slug(args.device)}{tag}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        return child_main(*args.child)
+    resolve_args(args)
+    malloc = parse_env_assignments(args.malloc_env)
+    env = dict(os.environ)
+    env.update(malloc)
+    if args.threads > 0:
+        env.setdefault("OMP_NUM_THREADS", str(args.threads))
+        env.setdefault("MKL_NUM_THREADS", str(args.threads))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    started = dt.datetime.now(dt.timezone.utc)
+    load_start = load_average()
+    header: dict[str, Any] = {
+        "schema": SCHEMA,
+        "benchmark": "bench_predict",
+        "date": started.isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
+        "machine": machine_info(),
+        "packages": package_versions(),
+        "allocator": {
+            "parent_env": relevant_env(os.environ),
+            "malloc_env_applied": malloc,
+            "child_env": relevant_env(env),
+            "note": "glibc malloc unless LD_PRELOAD says otherwise; MALLOC_* variables change when large "
+            "freed blocks go back to the OS (and are faulted in again: see faults/img)",
+        },
+        "settings": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "child"
+        },
+        "text_encoder": TEXT_NOTE,
+        "image": {
+            "size_hw": list(args.image_size),
+            "kind": f"synthetic_image(seed={args.seed}): warped smooth regions, shading, texture, noise",
+        },
+        "workloads": {k: WORKLOADS[k].description for k in split_list(args.workloads)},
+    }
+    rows: list[dict[str, Any]] = []
+    specs = [] if args.no_table else plan_specs(args)
+    for i, spec in enumerate(specs, 1):
+        label = f"{spec['model_label']} {spec['workload']} {spec['method']} {spec['variant']}"
+        print(f"[{i}/{len(specs)}] {label} ...", file=sys.stderr, flush=True)
+        res = run_child(spec, env, args.timeout)
+        row = {
+            "model": spec["model_label"],
+            "workload": spec["workload"],
+            "method": spec["method"],
+            "variant": spec["variant"],
+            "rcs": spec["rcs"],
+            "sfr": spec["sfr"],
+            "resclip": spec["resclip"],
+            **res,
+        }
+        rows.append(row)
+        if res.get("status") == "ok":
+            print(
+                f"    median {res['median_s']:.3f} s, peak {res['memory']['peak_rss_mib']:.0f} MiB",
+                file=sys.stderr,
+            )
+        else:
+            print(f"    {res.get('status')}: {res.get('error') or res.get('reason')}", file=sys.stderr)
+    report = dict(header)
+    report["results"] = rows
+    report["ratios"] = compute_ratios(rows)
+    if rows:
+        versions = next((r["versions"] for r in rows if "versions" in r), None)
+        report["child_runtime"] = versions
+    if args.throughput > 0:
+        print(f"[throughput] {args.throughput} images ...", file=sys.stderr, flush=True)
+        tp = run_child(throughput_spec(args), env, args.timeout)
+        tp.update(model=parse_models(args.models)[0].name, device=args.device, precision=args.precision)
+        report["throughput"] = tp
+        report.setdefault("child_runtime", tp.get("versions"))
+    report["load_average"] = {"start": load_start, "end": load_average()}
+    report["elapsed_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
+    text = []
+    if rows:
+        text += [markdown_table(rows), "", markdown_ratios(report["ratios"])]
+    if "throughput" in report:
+        text += ["", markdown_throughput(report["throughput"])]
+    if args.device.startswith("cuda") is False:
+        text += ["", "GPU figures: not measured in this run (--device cpu)."]
+    report["markdown"] = "\n".join(text)
+    out = Path(args.output) if args.output else default_output(args, started.strftime("%Y-%m-%d"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(report["markdown"])
+    print(f"\nwrote {out}", file=sys.stderr)
+    failed = [r for r in rows if r.get("status") == "error"]
+    if failed or report.get("throughput", {}).get("status") == "error":
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
