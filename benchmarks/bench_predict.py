@@ -28,6 +28,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import importlib.metadata
 import json
@@ -190,6 +191,21 @@ def page_faults() -> tuple[int, int]:
     return int(usage.ru_minflt), int(usage.ru_majflt)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return float(usage.ru_utime + usage.ru_stime)
+
+
+def cpu_pressure() -> dict[str, float] | None:
+    """Linux PSI ``some`` CPU pressure (percent of time runnable tasks waited for a CPU), if available."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    return {k: float(v) for k, v in (item.split("=") for item in first[1:]) if k.startswith("avg")}
+
+
 def mib(n: float) -> float:
     return round(n / 2**20, 1)
 
@@ -320,7 +336,7 @@ def _make_segmenter(spec: dict[str, Any], rcs: bool, sfr: bool, window_batch: in
 
     import resclip
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(spec.get("overrides") or {})
     if spec.get("rcs_layers"):
         overrides["rcs_layers"] = tuple(spec["rcs_layers"])
     torch.manual_seed(spec["seed"])
@@ -355,13 +371,17 @@ def _timed(sync: Callable[[], None], fn: Callable[[], Any]) -> tuple[float, Any]
 
 
 def _interleaved(
-    sync: Callable[[], None], runs: dict[str, Callable[[], Any]], repeat: int, warmup: int
+    sync: Callable[[], None], runs: dict[str, Callable[[], Any]], repeat: int, warmup: dict[str, int]
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Time several callables side by side: warm-up each, then ``repeat`` rounds in A B / B A order."""
+    """Time several callables side by side: warm-up runs, then ``repeat`` rounds in A B / B A order.
+
+    Returns:
+        Seconds per run and the digest of the last mask, both by name.
+    """
     names = list(runs)
     digests: dict[str, str] = {}
     for name in names:
-        for _ in range(warmup):
+        for _ in range(warmup.get(name, 0)):
             runs[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeat):
@@ -537,9 +557,13 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
     for _ in range(spec["warmup"]):
         run()
     times: list[float] = []
+    cpu: list[float] = []
     result = None
+    load_before = load_average()
     for _ in range(spec["repeat"]):
+        c0 = cpu_seconds()
         t, result = _timed(sync, run)
+        cpu.append(cpu_seconds() - c0)
         times.append(t)
     faults1 = page_faults()
     runs = spec["warmup"] + spec["repeat"]
@@ -550,6 +574,7 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "status": "ok",
         **summary(times),
+        "cpu_s_median": round(statistics.median(cpu), 4),
         "model_create_s": round(create_s, 3),
         "windows": len(window_coords(resized.shape[0], resized.shape[1], p.slide_crop, p.slide_stride)),
         "resized_hw": list(resized.shape[:2]),
@@ -572,6 +597,7 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
             "major_faults_per_image": round((faults1[1] - faults0[1]) / max(1, runs)),
         },
         "versions": _child_versions(),
+        "load": {"before": load_before, "after": load_average(), "cpu_pressure": cpu_pressure()},
     }
     if cuda:
         out["memory"]["cuda_peak_allocated_mib"] = mib(torch.cuda.max_memory_allocated())
@@ -587,7 +613,7 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
             "resclip": run,
             "base": lambda: base.predict(image, lines, embeddings=emb),
         }
-        pair_times, digests = _interleaved(sync, pair_runs, spec["repeat"], warmup=spec["warmup"])
+        pair_times, _ = _interleaved(sync, pair_runs, spec["repeat"], {"base": spec["warmup"]})
         out["pair_with_base"] = {
             "resclip": summary(pair_times["resclip"]),
             "base": summary(pair_times["base"]),
@@ -606,7 +632,7 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
                 seg.window_batch = spec["window_batch"]
 
         batch_times, digests = _interleaved(
-            sync, {"batched": run, "single": one_at_a_time}, spec["repeat"], warmup=spec["warmup"]
+            sync, {"batched": run, "single": one_at_a_time}, spec["repeat"], {"single": spec["warmup"]}
         )
         out["batch_compare"] = {
             "window_batch": spec["window_batch"],
@@ -688,11 +714,14 @@ def child_main(spec_json: str, out_path: str) -> int:
 # ============================================================================== parent side
 
 
-def run_child(spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict[str, Any]:
-    """Run one configuration in a fresh interpreter and return its JSON result."""
+def run_child(
+    spec: dict[str, Any], env: dict[str, str], timeout: float, script: str | Path | None = None
+) -> dict[str, Any]:
+    """Run one configuration in a fresh interpreter (``script --child SPEC OUT``) and return its result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec), str(out)]
+        path = Path(script or __file__).resolve()
+        cmd = [sys.executable, str(path), "--child", json.dumps(spec), str(out)]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -705,6 +734,21 @@ def run_child(spec: dict[str, Any], env: dict[str, str], timeout: float) -> dict
         result: dict[str, Any] = json.loads(out.read_text())
         result["child_wall_s"] = round(wall, 2)
         return result
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["short_side=224", "rcs_layers=(1,2)"]`` -> ``{"short_side": 224, "rcs_layers": (1, 2)}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key.strip()] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -789,6 +833,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--trunk-attention", default=None, choices=("explicit", "fused"), help="default: preset's"
     )
     ap.add_argument("--window-batch", type=int, default=8, help="windows per forward pass (default 8)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="protocol / RCS / SFR override for every workload (create_segmenter keyword), e.g. "
+        "short_side=224; changes the workloads: for smoke tests",
+    )
     ap.add_argument("--image-size", type=parse_size, default=(375, 500), help="HxW (default 375x500)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
@@ -857,6 +909,7 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "window_batch": args.window_batch,
                             "trunk_attention": args.trunk_attention,
                             "rcs_layers": rcs_layers,
+                            "overrides": parse_overrides(args.set),
                             "warmup": args.warmup,
                             "repeat": args.repeat,
                             "seed": args.seed,
@@ -887,6 +940,7 @@ def throughput_spec(args: argparse.Namespace) -> dict[str, Any]:
         "window_batch": args.window_batch,
         "trunk_attention": args.trunk_attention,
         "rcs_layers": [int(x) for x in split_list(args.rcs_layers)] if args.rcs_layers else None,
+        "overrides": parse_overrides(args.set),
         "seed": args.seed,
         "throughput": args.throughput,
         "pool": 32,
@@ -973,7 +1027,7 @@ def _yes(flag: bool) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| model | workload | method | RCS | SFR | windows | median s | min s | max s | x base "
+        "| model | workload | method | RCS | SFR | windows | median s | min s | max s | CPU s | x base "
         "| peak RSS MiB | predict peak - model MiB | faults/img |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -983,14 +1037,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         if r.get("status") != "ok":
             lines.append(
                 f"| {model} | {workload} | {method} | {_yes(r['rcs'])} | {_yes(r['sfr'])} | "
-                f"{r.get('status')}: {str(r.get('error') or r.get('reason', ''))[:60]} |||||||"
+                f"{r.get('status')}: {str(r.get('error') or r.get('reason', ''))[:60]} ||||||||"
             )
             continue
         base = medians.get((model, workload, method, "base"))
         mem = r["memory"]
         lines.append(
             f"| {model} | {workload} | {method} | {_yes(r['rcs'])} | {_yes(r['sfr'])} | {r['windows']} "
-            f"| {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} "
+            f"| {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | {r['cpu_s_median']:.2f} "
             f"| {_fmt(r['median_s'] / base if base else None, 2)} | {mem['peak_rss_mib']:.0f} "
             f"| {mem['predict_peak_over_model_mib']:.0f} | {mem['minor_faults_per_image']} |"
         )
@@ -1071,6 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("HF_HUB_OFFLINE", "1")
     started = dt.datetime.now(dt.timezone.utc)
     load_start = load_average()
+    pressure_start = cpu_pressure()
     header: dict[str, Any] = {
         "schema": SCHEMA,
         "benchmark": "bench_predict",
@@ -1131,7 +1186,14 @@ def main(argv: list[str] | None = None) -> int:
         tp.update(model=parse_models(args.models)[0].name, device=args.device, precision=args.precision)
         report["throughput"] = tp
         report.setdefault("child_runtime", tp.get("versions"))
-    report["load_average"] = {"start": load_start, "end": load_average()}
+    report["load"] = {
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "cpu_pressure_start": pressure_start,
+        "cpu_pressure_end": cpu_pressure(),
+        "note": "the machine may be shared: per-configuration load is in each result's 'load'; "
+        "ratios come from interleaved runs in one process",
+    }
     report["elapsed_s"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
     text = []
     if rows:

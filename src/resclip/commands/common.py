@@ -84,8 +84,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def segmenter_from_args(args: argparse.Namespace) -> Segmenter:
-    """Build the segmenter described by :func:`add_model_arguments` options."""
+def segmenter_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Segmenter:
+    """Build the segmenter described by :func:`add_model_arguments` options.
+
+    Args:
+        overrides: settings that replace ``--set`` ones (e.g. one point of a sweep).
+    """
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     return create_segmenter(
         method=args.method,
@@ -98,5 +102,5 @@ def segmenter_from_args(args: argparse.Namespace) -> Segmenter:
         precision=args.precision,
         fidelity=args.fidelity,
         window_batch=args.window_batch,
-        **parse_overrides(args.overrides),
+        **{**parse_overrides(args.overrides), **(overrides or {})},
     )

@@ -11,8 +11,7 @@ from typing import Any
 
 from ..datasets import get_dataset_spec, list_datasets, list_samples
 from ..evaluate import atomic_write_text, close_distributed, evaluate, init_distributed
-from ..factory import create_segmenter
-from .common import UserError, add_model_arguments, parse_overrides
+from .common import UserError, add_model_arguments, parse_overrides, segmenter_from_args
 from .eval_cmd import DATASET_DEFAULT, add_data_arguments, check_run_args, state_dir_for
 
 NAME = "sweep"
@@ -150,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
         print("resclip: warning: SFR is off (--no-sfr); lambda_sfr changes nothing", file=sys.stderr)
     out = Path(args.output or f"sweep-{spec.name}.csv")
     base = parse_overrides(args.overrides)
-    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     info, args.device = init_distributed(args.device)
     rows: list[dict[str, Any]] = []
     try:
@@ -161,19 +159,7 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
             try:
-                seg = create_segmenter(
-                    method=args.method,
-                    rcs=args.rcs,
-                    sfr=args.sfr,
-                    preset=args.preset,
-                    model=args.model,
-                    pretrained=pretrained,
-                    device=args.device,
-                    precision=args.precision,
-                    fidelity=args.fidelity,
-                    window_batch=args.window_batch,
-                    **{**base, **point},
-                )
+                seg = segmenter_from_args(args, overrides={**base, **point})
             except (ValueError, TypeError) as err:
                 raise UserError(f"grid point {point}: {err}") from err
             result = evaluate(
