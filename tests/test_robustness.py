@@ -84,7 +84,8 @@ def check_result(res: resclip.SegResult, shape: tuple[int, int], num_classes: in
 
 @pytest.fixture(scope="module")
 def seg(tiny_ckpt: Path) -> resclip.Segmenter:
-    return make_segmenter(tiny_ckpt)
+    """For input handling: RCS on, SFR (the slow part) off, one window per image."""
+    return make_segmenter(tiny_ckpt, sfr=False, slide_crop=0)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_bad_image_files_are_rejected(seg, emb, tmp_path, name):
         seg.predict(str(path), CLASSES, embeddings=emb)
     message = str(info.value)
     assert str(path) in message
-    assert "expected a readable, complete image file" in message or "empty" in message
+    assert re.search(r"expected a readable, complete image file|is empty|MAX_PIXELS", message)
 
 
 def test_truncated_file_opened_lazily_by_pil_is_rejected(seg, emb, tmp_path):
@@ -653,15 +654,17 @@ def test_checkpoint_with_nan_weights_is_rejected(tiny_ckpt, tmp_path):
     state["visual.transformer.resblocks.1.mlp.c_fc.weight"][0, 0] = float("nan")
     path = tmp_path / "nan.pt"
     torch.save(state, path)
-    message = r"(?s)nan.pt.*visual.transformer.resblocks.1.mlp.c_fc.weight.*(NaN|finite)"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as info:
         make_segmenter(path)
+    message = str(info.value)
+    assert str(path) in message and "visual.transformer.resblocks.1.mlp.c_fc.weight" in message
+    assert re.search(r"NaN|infinite|non-finite", message)
 
 
 # ------------------------------------------------------------------------------------------- tiny images
 @pytest.fixture(scope="module")
 def wide_seg(tiny_ckpt: Path) -> resclip.Segmenter:
-    return make_segmenter(tiny_ckpt, long_side=1024, slide_stride=48)
+    return make_segmenter(tiny_ckpt, sfr=False, long_side=1024, slide_stride=48)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (2, 2), (1, 3), (7, 300), (300, 7), (5, 5)])
@@ -674,8 +677,7 @@ def test_tiny_images(wide_seg, emb, size):
 
 # --------------------------------------------------------------------------------- bands (bounded memory)
 BAND_CASES = {
-    "plain": {},
-    "prob-thd": {"prob_thd": 0.35},
+    "plain": {"prob_thd": 0.35},
     "pamr-small-halo": {"pamr_steps": 3, "pamr_dilations": (1, 2)},
     "pamr-default": {"pamr_steps": 2},
     "area-thd": {"area_thd": 0.3, "prob_thd": 0.2},
@@ -685,24 +687,23 @@ BAND_CASES = {
 
 @pytest.mark.parametrize("case", list(BAND_CASES))
 def test_many_bands_equal_one_band(tiny_ckpt, case):
-    seg = make_segmenter(tiny_ckpt, **BAND_CASES[case])
-    image = random_image(240, 40, seed=4)
+    seg = make_segmenter(tiny_ckpt, sfr=False, **BAND_CASES[case])  # bands come after the network
+    image = random_image(200, 32, seed=4)
     classes = ["sky, clouds", "cat", "dog", "tree, bush", "car", "road"]
     emb = random_embeddings(8, seed=5)
     seg.band_budget = 1 << 40
     one = seg.predict(image, classes, embeddings=emb)
-    seg.band_budget = 1
+    seg.band_budget = 8 * 32 * 6  # 6 rows of (8 queries, 32 columns); PAMR raises it to fit its halo
     many = seg.predict(image, classes, embeddings=emb)
     assert len(one.full.bands) == 1
-    assert len(many.full.bands) >= 3
+    assert len(many.full.bands) >= (2 if "pamr_steps" in BAND_CASES[case] else 30)
     if "area_thd" in BAND_CASES[case]:
         assert (one.full.keep() == 0).any(), "the area filter should remove a class here"
         assert torch.equal(one.full.keep(), many.full.keep())
     assert np.array_equal(one.mask, many.mask)
     np.testing.assert_allclose(many.probs, one.probs, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(many.full.logits_full(), one.full.logits_full(), atol=1e-6, rtol=0)
     rows = np.concatenate([many.full.class_prob_rows(a, b).numpy() for a, b in many.full.bands], axis=1)
-    np.testing.assert_allclose(rows, one.full.class_prob_rows(0, 240).numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(rows, one.full.class_prob_rows(0, 200).numpy(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(("num_classes", "dtype"), [(256, np.uint8), (257, np.uint16), (1000, np.uint16)])
@@ -727,17 +728,42 @@ WINDOW_COMBOS = [
 
 @pytest.mark.parametrize(("method", "rcs", "sfr"), WINDOW_COMBOS)
 def test_window_batch_does_not_change_the_result(tiny_ckpt, method, rcs, sfr):
-    seg = make_segmenter(tiny_ckpt, method, rcs, sfr, short_side=96)
-    image = random_image(100, 200, seed=6)
+    seg = make_segmenter(tiny_ckpt, method, rcs, sfr)
+    image = random_image(64, 170, seed=6)
     emb = random_embeddings(4, seed=7)
     results = {}
-    for batch in (1, 3, 8):
+    for batch in (1, 2, 8):
         seg.window_batch = batch
         results[batch] = seg.predict(image, CLASSES, embeddings=emb)
-    assert len(resclip.preprocess.window_coords(96, 192, 64, 32)) == 10
-    for batch in (1, 3):
+    assert len(resclip.preprocess.window_coords(64, 170, 64, 32)) == 5  # chunks 5x1, 2+2+1, 5
+    for batch in (1, 2):
         assert np.array_equal(results[batch].mask, results[8].mask)
         np.testing.assert_allclose(results[batch].logits, results[8].logits, atol=1e-5, rtol=0)
+
+
+def _decisive(probs: np.ndarray) -> np.ndarray:
+    top = np.partition(probs, -2, axis=0)
+    return top[-1] - top[-2] > 1e-4
+
+
+@pytest.mark.parametrize("method", ["naclip", "clip"])
+def test_repeated_synonyms_do_not_make_sfr_depend_on_window_batching(tiny_ckpt, method):
+    """A synonym in several classes is one query per class, with identical embeddings. The released
+    SFR labels the first pass by query, so such exact ties must be broken the same way whatever the
+    windows are batched with (2 x 2-patch windows: small matrix products, whose rounding depends on
+    the batch)."""
+    seg = make_segmenter(tiny_ckpt, method, short_side=85, long_side=128, slide_crop=42, slide_stride=16)
+    lines = ["sky", "sky, clouds, cat", "boat, sky, clouds", "sky, boat"]
+    image = random_image(40, 100, seed=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # synonyms in several classes
+        seg.window_batch = 1
+        one = seg.predict(image, lines)
+        seg.window_batch = 8
+        eight = seg.predict(image, lines)
+    np.testing.assert_allclose(eight.logits, one.logits, atol=1e-5, rtol=0)
+    decisive = _decisive(one.probs)  # classes sharing the winning synonym tie exactly elsewhere
+    assert np.array_equal(eight.mask[decisive], one.mask[decisive])
 
 
 # ------------------------------------------------------------------------------------------ determinism
@@ -778,13 +804,12 @@ def _digest(res: resclip.SegResult) -> dict[str, str]:
     }
 
 
-@pytest.mark.parametrize(("method", "rcs", "sfr"), [("naclip", True, True), ("sclip", True, False)])
-def test_same_input_same_bits_in_one_process(tiny_ckpt, method, rcs, sfr):
+def test_same_input_same_bits_in_one_process(tiny_ckpt):
     image = random_image(50, 70, seed=8)
-    first = make_segmenter(tiny_ckpt, method, rcs, sfr, pamr_steps=1)
+    first = make_segmenter(tiny_ckpt, "sclip", pamr_steps=1)
     a = _digest(first.predict(image, CLASSES))
     b = _digest(first.predict(image, CLASSES))
-    c = _digest(make_segmenter(tiny_ckpt, method, rcs, sfr, pamr_steps=1).predict(image, CLASSES))
+    c = _digest(make_segmenter(tiny_ckpt, "sclip", pamr_steps=1).predict(image, CLASSES))  # a new model
     assert a == b == c
 
 
@@ -825,15 +850,16 @@ COMBOS = [
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize(("method", "rcs", "sfr"), COMBOS)
-def test_low_precision_is_finite(tiny_ckpt, photo, emb, method, rcs, sfr, precision):
-    seg = make_segmenter(tiny_ckpt, method, rcs, sfr, precision=precision, pamr_steps=1)
-    res = seg.predict(photo, CLASSES, embeddings=emb)
-    check_result(res, photo.shape[:2], 3)
+def test_low_precision_is_finite(tiny_ckpt, emb, method, rcs, sfr, precision):
+    seg = make_segmenter(tiny_ckpt, method, rcs, sfr, precision=precision)
+    image = random_image(40, 52, seed=9)  # resized to 64 x 83: two windows
+    res = seg.predict(image, CLASSES, embeddings=emb)
+    check_result(res, image.shape[:2], 3)
 
 
 @pytest.fixture(scope="module")
 def hot_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Query and key weights x300: attention scores reach ~1e5, beyond fp16's 65504."""
+    """Query and key weights x300: attention scores exceed 1e5, beyond fp16's 65504."""
     state = torch.load(tiny_ckpt, weights_only=True)
     for key, value in state.items():
         if key.startswith("visual.transformer.resblocks.") and key.endswith("attn.in_proj_weight"):
@@ -844,12 +870,15 @@ def hot_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("method", ["clip", "sclip", "clearclip", "naclip"])
-@pytest.mark.parametrize("preset", ["ade20k", "paper/ade20k"])
-def test_huge_attention_scores_do_not_overflow(hot_ckpt, photo, emb, method, precision, preset):
+@pytest.mark.parametrize(
+    ("method", "preset"),  # released (explicit trunk, fp16 SFR scores) and paper (fused trunk) settings
+    [("naclip", "ade20k"), ("sclip", "paper/ade20k"), ("clearclip", "ade20k"), ("clip", "paper/ade20k")],
+)
+def test_huge_attention_scores_do_not_overflow(hot_ckpt, emb, method, precision, preset):
     seg = make_segmenter(hot_ckpt, method, True, True, precision=precision, preset=preset)
-    res = seg.predict(photo, CLASSES, embeddings=emb)
-    check_result(res, photo.shape[:2], 3)
+    image = random_image(40, 52, seed=10)
+    res = seg.predict(image, CLASSES, embeddings=emb)
+    check_result(res, image.shape[:2], 3)
 
 
 # ------------------------------------------------------------------------------------------ bookkeeping
@@ -862,9 +891,6 @@ SINGLE_BAD_INPUTS = [
     test_checkpoint_of_another_vit,
     test_checkpoint_with_nan_weights_is_rejected,
 ]
-MISSING_CHECKPOINTS = (
-    3  # test_missing_checkpoint: a missing absolute path, a missing relative path, a directory
-)
 
 
 def test_the_docstring_counts_every_bad_input():

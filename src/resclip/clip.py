@@ -440,6 +440,12 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     marked = jit or any(key in state for key in _OPENAI_EXTRA_KEYS)
     for key in _OPENAI_EXTRA_KEYS:
         state.pop(key, None)
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise ValueError(
+            f"pretrained={str(path)!r} is corrupt: {len(broken)} tensors hold NaN or infinite values, e.g. "
+            f"{broken[:3]}"
+        )
     return state, marked
 
 

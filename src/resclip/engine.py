@@ -34,8 +34,27 @@ def patch_logits(tokens: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]
     """
     feats = F.normalize(tokens[:, 1:].float(), dim=-1)
     logits = feats @ text.float().t()
+    first = first_identical_row(text)
+    if first is not None:  # identical queries (a synonym in several classes) get bit-identical logits
+        logits = logits[..., first]
     b = tokens.shape[0]
     return logits.transpose(1, 2).reshape(b, text.shape[0], *grid)
+
+
+def first_identical_row(text: torch.Tensor) -> torch.Tensor | None:
+    """For each row of ``text``, the index of the first row equal to it; None when all rows differ.
+
+    A matrix product may round one output column differently from an identical one (the kernel's
+    blocking depends on the shapes), so argmax ties between identical queries would be broken by
+    the batch a window is processed with.
+    """
+    _, inverse = torch.unique(text, dim=0, return_inverse=True)
+    q = text.shape[0]
+    if int(inverse.max()) + 1 == q:
+        return None
+    first = torch.full((q,), q, dtype=torch.int64, device=text.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(q, device=text.device), reduce="amin")
+    return first[inverse]
 
 
 class DenseEngine:

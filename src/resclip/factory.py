@@ -139,7 +139,8 @@ def create_segmenter(
         pretrained=loaded.info.pretrained,
         precision=precision,
     )
-    cache = EmbeddingCache() if text_cache is True else (text_cache or None)
+    # not `text_cache or None`: an empty EmbeddingCache has len() == 0 and would be dropped
+    cache = EmbeddingCache() if text_cache is True else (None if text_cache is False else text_cache)
     if pretrained is None:
         cache = None  # random weights: nothing worth keeping
     fingerprint = f"{loaded.info.arch}|{text_fingerprint(loaded.model)}|{precision}"

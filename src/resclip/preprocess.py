@@ -15,11 +15,22 @@ CLIP_STD = (68.501, 66.632, 70.323)
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
+# Largest image (in pixels) read from a file. Pillow's own guard against decompression bombs stops
+# at about 179 megapixels, below the 20,000-pixel panoramas users segment; outputs are computed in
+# bands, so a gigapixel is affordable. Raise it (or set None) for larger files.
+MAX_PIXELS: int | None = 1_000_000_000
 
-def _pil_to_rgb(img: Image.Image) -> np.ndarray:
+
+def _pil_to_rgb(img: Image.Image, what: str = "image") -> np.ndarray:
     img = ImageOps.exif_transpose(img)
+    if img.mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        img = img.convert("LA")
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError(
+                f"{what} (mode {img.mode}) contains NaN or inf pixel values; expected finite values"
+            )
         top = arr.max() if arr.size else 0.0
         arr = np.zeros_like(arr) if top <= 0 else arr / top * 255.0
         img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
@@ -46,21 +57,47 @@ def load_image(image: ImageInput) -> np.ndarray:
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {str(path)!r}")
         try:
+            _allow_large_images()
             with Image.open(path) as img:
+                if MAX_PIXELS is not None and img.width * img.height > MAX_PIXELS:
+                    raise Image.DecompressionBombError(
+                        f"{img.width}x{img.height} pixels exceeds the limit of {MAX_PIXELS} pixels"
+                    )
                 img.load()
-                return _check_size(_pil_to_rgb(img), str(path))
+                return _check_size(_pil_to_rgb(img, repr(str(path))), str(path))
+        except Image.DecompressionBombError as err:
+            raise ValueError(
+                f"image {str(path)!r} is too large to open safely ({err}); to allow it, raise "
+                "resclip.preprocess.MAX_PIXELS (or set it to None)"
+            ) from err
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise ValueError(
                 f"could not read image {str(path)!r} ({err}); expected a readable, complete image file "
                 "(JPEG, PNG, TIFF, BMP, WebP...)"
             ) from err
     if isinstance(image, Image.Image):
-        return _check_size(_pil_to_rgb(image), "image")
+        try:
+            rgb = _pil_to_rgb(image)
+        except (OSError, SyntaxError) as err:  # a lazily opened file that turns out truncated or corrupt
+            raise ValueError(
+                f"could not decode the PIL image ({err}); expected a readable, complete image"
+            ) from err
+        return _check_size(rgb, "image")
     if isinstance(image, np.ndarray):
         return _check_size(_array_to_rgb(image), "image array")
     raise TypeError(
         f"image must be a path, a PIL.Image or an HxWx3 uint8 numpy array, got {type(image).__name__}"
     )
+
+
+def _allow_large_images() -> None:
+    """Let Pillow open files up to :data:`MAX_PIXELS` (it refuses twice its own limit)."""
+    limit = MAX_PIXELS
+    current = Image.MAX_IMAGE_PIXELS
+    if limit is None:
+        Image.MAX_IMAGE_PIXELS = None
+    elif current is not None and current * 2 < limit:
+        Image.MAX_IMAGE_PIXELS = limit // 2 + 1
 
 
 def _array_to_rgb(arr: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,14 @@ class Protocol:
     pamr_dilations: tuple[int, ...] = (8, 16)
 
     def __post_init__(self) -> None:
+        for name in ("short_side", "long_side", "slide_crop", "slide_stride", "pamr_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        for name in ("logit_scale", "prob_thd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
         if self.short_side < 1 or self.long_side < 1:
             raise ValueError(
                 f"short_side and long_side must be >= 1, got {self.short_side}, {self.long_side}"
@@ -45,6 +54,11 @@ class Protocol:
             raise ValueError(f"slide_crop must be >= 0 (0 = whole image), got {self.slide_crop}")
         if self.slide_crop > 0 and not self.slide_stride > 0:
             raise ValueError(f"slide_stride must be > 0, got {self.slide_stride}")
+        if self.slide_crop > 0 and self.slide_stride > self.slide_crop:
+            raise ValueError(
+                f"slide_stride={self.slide_stride} must not exceed slide_crop={self.slide_crop}: the windows "
+                "would leave pixels that no window covers"
+            )
         if not self.logit_scale > 0:
             raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
         if not 0.0 <= self.prob_thd <= 1.0:

@@ -138,8 +138,13 @@ def parse_classes(classes: Sequence[str] | str | ClassSpec | np.ndarray) -> Clas
     return ClassSpec(tuple(names), tuple(queries), tuple(query_to_class))
 
 
+def _same_text(name: str) -> str:
+    """What CLIP's tokenizer sees: case and runs of whitespace do not matter."""
+    return " ".join(name.split()).lower()
+
+
 def _warn_duplicates(lines: Sequence[str], queries: Sequence[str], query_to_class: Sequence[int]) -> None:
-    keys = [tuple(part.strip() for part in line.split(",")) for line in lines]
+    keys = [tuple(_same_text(part) for part in line.split(",")) for line in lines]
     repeated = [", ".join(key) for key, count in Counter(keys).items() if count > 1]
     if repeated:
         warnings.warn(
@@ -150,7 +155,7 @@ def _warn_duplicates(lines: Sequence[str], queries: Sequence[str], query_to_clas
         return
     owners: dict[str, set[int]] = {}
     for query, cls in zip(queries, query_to_class, strict=True):
-        owners.setdefault(query, set()).add(cls)
+        owners.setdefault(_same_text(query), set()).add(cls)
     shared = sorted(query for query, classes in owners.items() if len(classes) > 1)
     if shared:
         warnings.warn(f"synonyms {shared} appear in several classes", UserWarning, stacklevel=3)
@@ -482,6 +487,8 @@ def check_embeddings(emb: torch.Tensor | np.ndarray, spec: ClassSpec, dim: int) 
     """
     expected = (spec.num_queries, dim)
     if isinstance(emb, np.ndarray):
+        if not (np.issubdtype(emb.dtype, np.number) or emb.dtype == np.bool_):
+            raise ValueError(f"embeddings must be a float array of shape {expected}, got dtype {emb.dtype}")
         emb = torch.from_numpy(np.ascontiguousarray(emb))
     if not isinstance(emb, torch.Tensor):
         raise ValueError(
