@@ -9,6 +9,7 @@ replicated. The mask is processed one neighbour at a time, so memory stays at a 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -53,9 +54,9 @@ def pamr(
 ) -> torch.Tensor:
     """Refine ``mask`` with ``steps`` PAMR iterations guided by ``image``.
 
-    Channels are independent, so they are refined a few at a time: all iterations of a chunk
-    then stay in cache (several times faster on CPU than sweeping every channel per iteration);
-    the arithmetic of each element is unchanged.
+    Images and channels are independent, so they are refined a few channels of one image at a
+    time: all iterations of a chunk then stay in cache (several times faster on CPU than sweeping
+    every channel per iteration); the arithmetic of each element is unchanged.
 
     Args:
         image: ``(B, K, H, W)`` float guide image.
@@ -79,16 +80,16 @@ def pamr(
     offsets = [(pad + dy * d, pad + dx * d) for d in dilations for dy, dx in _NEIGHBOURS]
     step = max(1, channel_chunk)
     out = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
-    for start in range(0, mask.shape[1], step):
-        part = mask[:, start : start + step].float()
+    for b, start in itertools.product(range(mask.shape[0]), range(0, mask.shape[1], step)):
+        part = mask[b : b + 1, start : start + step].float()
         term = torch.empty_like(part)
         for _ in range(steps):
             # one replicate pad serves every dilation: the clamped coordinates are the same
             padded = F.pad(part, [pad] * 4, mode="replicate")
             acc = torch.zeros_like(part)
             for n, (oy, ox) in enumerate(offsets):
-                torch.mul(padded[..., oy : oy + h, ox : ox + w], aff[:, n : n + 1], out=term)
+                torch.mul(padded[..., oy : oy + h, ox : ox + w], aff[b : b + 1, n : n + 1], out=term)
                 acc += term
             part = acc
-        out[:, start : start + step] = part
+        out[b : b + 1, start : start + step] = part
     return out.to(mask.dtype)
