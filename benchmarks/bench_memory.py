@@ -53,6 +53,7 @@ from bench_predict import (  # the benchmarks folder is not a package: sys.path 
     relevant_env,
     reset_peak_rss,
     run_child,
+    source_state,
     split_list,
     synthetic_image,
 )
@@ -110,6 +111,16 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(spec["seed"])
     emb = torch.randn(classes.num_queries, seg.embed_dim, generator=g)
     emb = emb / emb.norm(dim=-1, keepdim=True)
+    parts: dict[str, float] = {}
+    image_logits = seg.image_logits
+
+    def timed_image_logits(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        out = image_logits(*a, **k)
+        parts["windows_s"] = parts.get("windows_s", 0.0) + time.perf_counter() - t
+        return out
+
+    seg.image_logits = timed_image_logits
     rss_before_predict = current_rss_bytes()
     peak_before_predict = maxrss_bytes()
     reset_ok = reset_peak_rss()
@@ -131,6 +142,8 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
         "megapixels": round(h * w / 1e6, 2),
         "predict_s": round(predict_s, 2),
         "predict_cpu_s": round(cpu_s, 2),
+        "windows_s": round(parts.get("windows_s", 0.0), 2),
+        "full_resolution_s": round(predict_s - parts.get("windows_s", 0.0), 2),
         "image_build_s": round(image_s, 2),
         "num_queries": classes.num_queries,
         "num_classes": classes.num_classes,
@@ -220,18 +233,19 @@ def scaling(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def markdown(rows: list[dict[str, Any]], fit: dict[str, Any] | None) -> str:
     head = (
-        "| size | MP | predict s | CPU s | peak RSS MiB | peak - (image + model) MiB | image MiB "
-        "| mask | faults |"
+        "| size | MP | predict s | windows s | full-res s | CPU s | peak RSS MiB "
+        "| peak - (image + model) MiB | image MiB | mask | faults |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         size = "x".join(str(x) for x in r.get("size_hw", r.get("size", [])))
         if r.get("status") != "ok":
-            lines.append(f"| {size} | {r.get('status')}: {str(r.get('error'))[:80]} ||||||||")
+            lines.append(f"| {size} | {r.get('status')}: {str(r.get('error'))[:80]} ||||||||||")
             continue
         m, k = r["memory"], r["mask"]
         lines.append(
-            f"| {size} | {r['megapixels']:.1f} | {r['predict_s']:.1f} | {r['predict_cpu_s']:.1f} "
+            f"| {size} | {r['megapixels']:.1f} | {r['predict_s']:.1f} | {r['windows_s']:.1f} "
+            f"| {r['full_resolution_s']:.1f} | {r['predict_cpu_s']:.1f} "
             f"| {m['peak_rss_mib']:.0f} | {m['predict_peak_over_before_mib']:.0f} | {m['image_mib']:.0f} "
             f"| {'x'.join(map(str, k['shape']))} {k['dtype']} ({k['mib']:.0f} MiB) | {m['minor_faults']} |"
         )
@@ -330,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
         "machine": machine_info(),
         "packages": package_versions(),
+        "source": source_state(),
         "allocator": {
             "parent_env": relevant_env(os.environ),
             "malloc_env_applied": malloc,
