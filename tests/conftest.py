@@ -86,3 +86,19 @@ def tiny_ckpt(tiny_arch: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random CLIP checkpoint whose architecture can be inferred from the file alone (any process)."""
+    path = tmp_path_factory.getbasetemp() / "tiny64.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        model = open_clip.CLIP(
+            embed_dim=32,
+            quick_gelu=True,
+            vision_cfg={"image_size": 64, "layers": 4, "width": 64, "head_width": 64, "patch_size": 16},
+            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+        )
+        torch.save(model.state_dict(), path)
+    return path

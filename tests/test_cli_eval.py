@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -25,22 +24,6 @@ from resclip.paper_tables import NO_BG, TABLES, WITH_BG, get_table
 BENCH = Path(__file__).parent / "data" / "benchmarks"
 VOC = BENCH / "VOCdevkit" / "VOC2012"
 FAST = ["--set", "short_side=64", "--set", "rcs_layers=(2,3)", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(scope="session")
-def tiny64(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random CLIP checkpoint whose architecture can be inferred from the file alone (any process)."""
-    path = tmp_path_factory.getbasetemp() / "tiny64.pt"
-    if not path.exists():
-        torch.manual_seed(0)
-        model = open_clip.CLIP(
-            embed_dim=32,
-            quick_gelu=True,
-            vision_cfg={"image_size": 64, "layers": 4, "width": 64, "head_width": 64, "patch_size": 16},
-            text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
-        )
-        torch.save(model.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
