@@ -50,6 +50,7 @@ from bench_predict import (  # the benchmarks folder is not a package: sys.path 
     parse_env_assignments,
     parse_overrides,
     parse_size,
+    psi_stall_us,
     relevant_env,
     reset_peak_rss,
     run_child,
@@ -127,11 +128,13 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
     faults0 = page_faults()
     c0 = cpu_seconds()
     load_before = load_average()
+    p0 = psi_stall_us()
     t0 = time.perf_counter()
     result = seg.predict(image, lines, embeddings=emb)
     if spec["device"].startswith("cuda"):
         torch.cuda.synchronize()
     predict_s = time.perf_counter() - t0
+    p1 = psi_stall_us()
     cpu_s = cpu_seconds() - c0
     faults1 = page_faults()
     predict_peak = maxrss_bytes()
@@ -142,6 +145,7 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
         "megapixels": round(h * w / 1e6, 2),
         "predict_s": round(predict_s, 2),
         "predict_cpu_s": round(cpu_s, 2),
+        "stall": round((p1 - p0) / 1e6 / predict_s, 3) if p0 is not None and p1 is not None else None,
         "windows_s": round(parts.get("windows_s", 0.0), 2),
         "full_resolution_s": round(predict_s - parts.get("windows_s", 0.0), 2),
         "image_build_s": round(image_s, 2),
@@ -231,21 +235,25 @@ def scaling(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return out
 
 
+def _stall(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def markdown(rows: list[dict[str, Any]], fit: dict[str, Any] | None) -> str:
     head = (
-        "| size | MP | predict s | windows s | full-res s | CPU s | peak RSS MiB "
+        "| size | MP | predict s | windows s | full-res s | CPU s | stall | peak RSS MiB "
         "| peak - (image + model) MiB | image MiB | mask | faults |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         size = "x".join(str(x) for x in r.get("size_hw", r.get("size", [])))
         if r.get("status") != "ok":
-            lines.append(f"| {size} | {r.get('status')}: {str(r.get('error'))[:80]} ||||||||||")
+            lines.append(f"| {size} | {r.get('status')}: {str(r.get('error'))[:80]} |||||||||||")
             continue
         m, k = r["memory"], r["mask"]
         lines.append(
             f"| {size} | {r['megapixels']:.1f} | {r['predict_s']:.1f} | {r['windows_s']:.1f} "
-            f"| {r['full_resolution_s']:.1f} | {r['predict_cpu_s']:.1f} "
+            f"| {r['full_resolution_s']:.1f} | {r['predict_cpu_s']:.1f} | {_stall(r.get('stall'))} "
             f"| {m['peak_rss_mib']:.0f} | {m['predict_peak_over_before_mib']:.0f} | {m['image_mib']:.0f} "
             f"| {'x'.join(map(str, k['shape']))} {k['dtype']} ({k['mib']:.0f} MiB) | {m['minor_faults']} |"
         )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,18 +29,40 @@ def _positive(x: object) -> bool:
     return isinstance(x, (int, float)) and x > 0
 
 
-def test_synthetic_image_deterministic_and_banded() -> None:
+def _module(name: str) -> Any:
     sys.path.insert(0, str(BENCH))
     try:
-        from bench_predict import synthetic_image
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(BENCH))
+
+
+def test_synthetic_image_deterministic_and_banded() -> None:
+    synthetic_image = _module("bench_predict").synthetic_image
     a = synthetic_image(150, 70, seed=3)
     b = synthetic_image(150, 70, seed=3, out=np.zeros((150, 70, 3), np.uint8))
     assert a.dtype == np.uint8 and a.shape == (150, 70, 3)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, synthetic_image(150, 70, seed=4))
     assert a.std() > 10  # not flat
+
+
+def test_plan_parsing_and_contention() -> None:
+    bp = _module("bench_predict")
+    plans = bp.parse_models("ViT-B-16, ViT-L-14@voc21/naclip+sclip")
+    assert [p.name for p in plans] == ["ViT-B-16", "ViT-L-14"]
+    assert plans[0].workloads is None and plans[1].workloads == ("voc21",)
+    assert plans[1].methods == ("naclip", "sclip")
+    assert bp.parse_env_assignments("MALLOC_A=1 MALLOC_B='2 3'") == {"MALLOC_A": "1", "MALLOC_B": "2 3"}
+    assert bp.parse_overrides(["short_side=224", "rcs_layers=(1,2)"]) == {
+        "short_side": 224,
+        "rcs_layers": [1, 2],
+    }
+    res = {"stall": 0.1, "pair_with_base": {"resclip": {"stall": 0.6}, "base": {"stall": None}}}
+    assert bp.contention(res) == 0.6
+    assert bp.contention({}) is None
+    fit = _module("bench_memory").linear_fit([1.0, 2.0, 3.0], [3.0, 5.0, 7.0])
+    assert fit is not None and abs(fit[0] - 1.0) < 1e-9 and abs(fit[1] - 2.0) < 1e-9
 
 
 def test_bench_predict_smoke(tiny_ckpt: Path, tmp_path: Path) -> None:
