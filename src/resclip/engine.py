@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .attention import identity_attention
 from .methods import BaseAttention
 from .rcs import RCSConfig, rcs_mix
 from .sfr import SFRConfig, patch_mode, pixel_labels, refinement_scores, sfr_mix
@@ -21,20 +22,26 @@ from .vit import (
 )
 
 
-def patch_logits(tokens: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def patch_logits(
+    tokens: torch.Tensor,
+    text: torch.Tensor,
+    grid: tuple[int, int],
+    first: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cosine similarity of every patch token with every query embedding.
 
     Args:
         tokens: ``(B, T, D)`` projected tokens, CLS first.
         text: ``(Q, D)`` L2-normalised query embeddings.
         grid: ``(h, w)`` with ``h * w = T - 1``.
+        first: ``(Q,)`` from :func:`first_identical_row`: each query takes the logits of the first
+            query identical to it, or None when all queries differ.
 
     Returns:
         ``(B, Q, h, w)`` float32 logits.
     """
     feats = F.normalize(tokens[:, 1:].float(), dim=-1)
     logits = feats @ text.float().t()
-    first = first_identical_row(text)
     if first is not None:  # identical queries (a synonym in several classes) get bit-identical logits
         logits = logits[..., first]
     b = tokens.shape[0]
@@ -111,7 +118,7 @@ class DenseEngine:
         bias = self.method.score_bias(grid[0], grid[1], q.device)
         if not terms:
             b, h, t, _ = q.shape
-            attn = torch.eye(t, device=q.device).expand(b, h, t, t)
+            attn = identity_attention(b, h, t, q.device)
         else:
             attn = torch.zeros((), device=q.device)
             for scores in terms:
@@ -155,6 +162,7 @@ class DenseEngine:
             ``(B, Q, h, w)`` float32 cosine logits.
         """
         trunk = encode_trunk(self.visual, crops, self.rcs_layers, self.explicit)
+        same_query = first_identical_row(text)
         block = self.visual.transformer.resblocks[-1]
         keep = self.method.keep_residual
         q, k, v = last_block_qkv(block, trunk.x)
@@ -162,7 +170,7 @@ class DenseEngine:
         if self.sfr is not None:
             first_attn = self.attention(q, k, trunk.grid, trunk.rcs_attn, None)
             first_tokens = project_tokens(self.visual, last_block_output(block, trunk.x, first_attn, v, keep))
-            first_logits = patch_logits(first_tokens, text, trunk.grid)
+            first_logits = patch_logits(first_tokens, text, trunk.grid, same_query)
             labels = pixel_labels(first_logits, crops, self.sfr, query_to_class)
             num_labels = text.shape[0] if self.sfr.label_level == "query" else int(query_to_class.max()) + 1
             label_map = patch_mode(labels, self.patch, num_labels)
@@ -178,4 +186,4 @@ class DenseEngine:
         tokens = project_tokens(self.visual, last_block_output(block, trunk.x, attn, v, keep))
         if aux is not None:
             aux.update(tokens=tokens, pre_last_block_x=trunk.x, rcs_attn=trunk.rcs_attn, final_attn=attn)
-        return patch_logits(tokens, text, trunk.grid)
+        return patch_logits(tokens, text, trunk.grid, same_query)

@@ -48,11 +48,6 @@ def patch_size(visual: Tower) -> int:
     return int(visual.conv1.weight.shape[-1])
 
 
-def num_heads(visual: Tower) -> int:
-    """Attention heads of the visual blocks."""
-    return int(visual.transformer.resblocks[0].attn.num_heads)
-
-
 def embed_patches(visual: Tower, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Patch embedding, CLS token, positional embedding and ``ln_pre``.
 
