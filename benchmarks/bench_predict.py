@@ -630,6 +630,8 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
         seg = _make_segmenter(spec, spec["rcs"], spec["sfr"])
     except ValueError as exc:
         return {"status": "unsupported", "reason": str(exc)}
+    if spec.get("release_text"):
+        seg.release_text_tower()
     create_s = time.perf_counter() - t0
     emb = _random_embeddings(classes.num_queries, seg.embed_dim, spec["seed"])
     sync()
@@ -676,6 +678,7 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
         "mask_dtype": str(result.mask.dtype),
         "mask_digest": _mask_digest(result.mask),
         "trunk_attention": "explicit" if seg.engine.explicit else "fused",
+        "text_tower": "released" if seg.text_tower_released else "kept",
         "config": seg.config.to_dict(),
         "memory": {
             "rss_before_model_mib": mib(rss_before_model),
@@ -961,6 +964,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--window-batch", type=int, default=8, help="windows per forward pass (default 8)")
     ap.add_argument(
+        "--release-text",
+        action="store_true",
+        help="free the text tower after model creation (Segmenter.release_text_tower(), as `resclip segment` "
+        "does); the measured predict never uses it (embeddings are given)",
+    )
+    ap.add_argument(
         "--set",
         action="append",
         default=[],
@@ -1053,6 +1062,7 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "precision": args.precision,
                             "window_batch": args.window_batch,
                             "trunk_attention": args.trunk_attention,
+                            "release_text": args.release_text,
                             "rcs_layers": rcs_layers,
                             "overrides": parse_overrides(args.set),
                             "quiet_threshold": args.quiet_threshold,

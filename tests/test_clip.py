@@ -73,6 +73,13 @@ def _assert_same_model(a: Any, b: Any, image_size: int = 32) -> None:
     assert sa.keys() == sb.keys()
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+    # non-persistent buffers too (files lack them: loaders build the model without storage, then
+    # rebuild them), and nothing left on the meta device
+    ba, bb = dict(a.named_buffers()), dict(b.named_buffers())
+    assert ba.keys() == bb.keys()
+    for key in ba:
+        assert torch.equal(ba[key], bb[key]), key
+    assert not any(t.is_meta for t in [*a.parameters(), *a.buffers()])
     with torch.no_grad():
         assert torch.equal(a.encode_image(_images(image_size)), b.encode_image(_images(image_size)))
         tokens = open_clip.get_tokenizer(TINY)(["a photo of a cat", "sky"])

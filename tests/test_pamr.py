@@ -38,3 +38,40 @@ def test_zero_steps_is_identity_and_shapes_are_checked():
         assert "sizes differ" in str(err)
     else:  # pragma: no cover
         raise AssertionError("size mismatch accepted")
+
+
+def test_sparse_and_shifted_propagation_agree():
+    """The CPU sparse-matrix form sums the same products in the same order as the shifted-copy form."""
+    from resclip.pamr import _propagate_shifted, _propagate_sparse
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 23, 31, generator=gen)
+    mask = torch.randn(5, 23, 31, generator=gen)
+    aff = pamr_affinity(image, (2, 5))[0]
+    for steps in (3, 4):  # odd and even step counts end in different buffers
+        sparse = torch.empty(23, 31, 5).permute(2, 0, 1)  # (5, 23, 31) stored channels-last
+        shifted = torch.empty(5, 23, 31)
+        _propagate_sparse(aff, mask, steps, (2, 5), sparse)
+        _propagate_shifted(aff, mask, steps, (2, 5), shifted, channel_chunk=2)
+        torch.testing.assert_close(sparse, shifted, atol=1e-6, rtol=0)
+
+
+def test_affinity_matches_the_stacked_std_formula():
+    """The two-pass std equals torch.std over the stacked 3x3 windows of every dilation."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(2, 3, 12, 17, generator=gen)
+    dil = (1, 3)
+    views, diffs = [], []
+    for d in dil:
+        p = F.pad(image, [d] * 4, mode="replicate")
+
+        def view(dy: int, dx: int, p=p, d=d) -> torch.Tensor:
+            return p[..., d + dy * d : d + dy * d + 12, d + dx * d : d + dx * d + 17]
+
+        views += [view(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        diffs += [(image - view(dy, dx)).abs() for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    std = torch.stack(views, 2).std(dim=2, keepdim=True)
+    want = (-torch.stack(diffs, 2) / (1e-8 + 0.1 * std)).mean(dim=1).softmax(dim=1)
+    torch.testing.assert_close(pamr_affinity(image, dil), want, atol=1e-6, rtol=1e-5)

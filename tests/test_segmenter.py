@@ -151,3 +151,21 @@ def test_each_repository_builds_the_same_text_classifier(golden, golden_ckpt_b16
     np.testing.assert_allclose(
         emb.numpy(), golden[f"{repo}__text__voclike__class_embeddings"], atol=1e-5, rtol=0
     )
+
+
+def test_release_text_tower_keeps_cached_classes_and_names_the_fix(tiny64):
+    """After the release, cached class lists still work; a new one raises an error naming the fix."""
+    from resclip.text import EmbeddingCache
+
+    seg = resclip.create_segmenter(
+        "naclip", rcs=False, sfr=False, pretrained=str(tiny64), text_cache=EmbeddingCache(disk=False)
+    )
+    image = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    before = seg.predict(image, ["sky", "cat, kitten"]).mask
+    seg.release_text_tower()
+    assert seg.text_tower_released and seg.model is None
+    np.testing.assert_array_equal(seg.predict(image, ["sky", "cat, kitten"]).mask, before)
+    with pytest.raises(ValueError, match=r"text tower was released.*'dog'.*pass embeddings="):
+        seg.predict(image, ["sky", "dog"])
+    emb = torch.nn.functional.normalize(torch.randn(2, seg.embed_dim), dim=-1)
+    assert seg.predict(image, ["sky", "dog"], embeddings=emb).mask.shape == (64, 80)

@@ -127,3 +127,24 @@ def test_config_validation(field):
         SFRConfig(**{field: 1.5})
     with pytest.raises(ValueError, match="path"):
         SFRConfig(path="bfs")  # type: ignore[arg-type]
+
+
+def test_line_path_matches_a_pair_by_pair_check():
+    """Block-built tables: every pair (i, j) checked by walking its samples one at a time."""
+    h, w = 4, 6
+    mx = max(h, w) - 1
+    t = torch.linspace(0, 1, mx + 1, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 2, (1, h, w), generator=gen)
+    valid = valid_path_line(labels)[0]
+    for i in range(h * w):
+        ri, ci = divmod(i, w)
+        for j in range(h * w):
+            rj, cj = divmod(j, w)
+            steps = max(abs(ri - rj), abs(ci - cj))
+            want = True
+            for k in range(steps + 1):
+                r = int(torch.round(ri * (1 - t[k]) + rj * t[k]))
+                c = int(torch.round(ci * (1 - t[k]) + cj * t[k]))
+                want &= bool(labels[0, r, c] == labels[0, ri, ci])
+            assert bool(valid[i, j]) == want, (i, j)

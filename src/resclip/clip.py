@@ -10,6 +10,7 @@ tensor shapes. OpenAI weights need QuickGELU, which a bare file cannot tell; see
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -282,12 +283,17 @@ def _model_config(arch: str) -> dict[str, Any]:
 # building
 
 
-def _build_named(arch: str, quick_gelu: bool) -> nn.Module:
-    """Build ``arch`` with random fp32 weights on the CPU, checking it is a supported ViT CLIP."""
+def _build_named(arch: str, quick_gelu: bool, meta: bool = False) -> nn.Module:
+    """Build ``arch`` with random fp32 weights on the CPU, checking it is a supported ViT CLIP.
+
+    ``meta=True`` builds it without storage, for :func:`_load_strict` to fill with a checkpoint's
+    tensors (no second copy of the weights, no random initialisation).
+    """
     cfg = _check_config(arch)
     cfg["quick_gelu"] = quick_gelu
     net: nn.Module
-    net = open_clip.CustomTextCLIP(**cfg) if cfg.pop("custom_text", False) else open_clip.CLIP(**cfg)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        net = open_clip.CustomTextCLIP(**cfg) if cfg.pop("custom_text", False) else open_clip.CLIP(**cfg)
     _check_supported(net, arch)
     return net
 
@@ -346,7 +352,7 @@ def _load_tag(arch: str, tag: str, quick_gelu: bool | None, cache_dir: str | Non
             raise RuntimeError("open_clip returned no file")
     except Exception as exc:  # any hub / network / cache error
         raise RuntimeError(_download_error(arch, tag, cache_dir, exc)) from exc
-    net = _build_named(arch, use_qg)
+    net = _build_named(arch, use_qg, meta=True)
     state, _ = _read_checkpoint(Path(file))
     _check_vit_clip(state, Path(file))
     _load_strict(net, state, Path(file), arch, inferred=False)
@@ -390,7 +396,7 @@ def _load_file(
         return net, label
     cfg_qg = bool(_model_config(arch).get("quick_gelu", False))
     use_qg = True if quick_gelu is None else quick_gelu
-    net = _build_named(arch, use_qg)
+    net = _build_named(arch, use_qg, meta=True)
     _load_strict(net, state, path, arch, inferred=False)
     if quick_gelu is None and not cfg_qg and not openai_marked and not openai_spelling:
         warnings.warn(
@@ -504,7 +510,21 @@ def _load_strict(
         else:
             hint = "the checkpoint is of another architecture; omit model= to infer it from the file"
         raise ValueError(f"pretrained={str(path)!r} does not fit model={arch!r}: {hint} ({problems})")
-    net.load_state_dict(state, strict=True)
+    # the model was built on the meta device: adopt the checkpoint's tensors instead of copying them
+    net.load_state_dict(state, strict=True, assign=True)
+    _restore_causal_masks(net)
+
+
+def _restore_causal_masks(net: nn.Module) -> None:
+    """Rebuild the non-persistent buffers a checkpoint lacks: open_clip's text ``attn_mask`` (causal)."""
+    for module in net.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None or not buf.is_meta:
+                continue
+            if name != "attn_mask" or buf.dim() != 2 or buf.shape[0] != buf.shape[1]:
+                where = f"{name!r} {tuple(buf.shape)} of {type(module).__name__}"
+                raise RuntimeError(f"cannot rebuild buffer {where}")
+            module._buffers[name] = torch.full(tuple(buf.shape), float("-inf")).triu_(1)
 
 
 def _state_diff(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
@@ -533,7 +553,8 @@ def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 
 def _build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: bool) -> tuple[nn.Module, str]:
-    """Build a CLIP whose dimensions are read from an OpenAI-layout state dict."""
+    """Build (without storage, see :func:`_build_named`) a CLIP whose dimensions are read from an
+    OpenAI-layout state dict."""
     missing = [k for k in _OPENAI_REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(
@@ -587,7 +608,10 @@ def _build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: b
         "layers": shape["t_layers"],
         "mlp_ratio": _mlp_ratio(shape["t_mlp"], text_width),
     }
-    net = open_clip.CLIP(shape["embed_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu)
+    with torch.device("meta"):
+        net = open_clip.CLIP(
+            shape["embed_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu
+        )
     name = match or f"vit-w{width}-l{shape['v_layers']}-p{patch}-i{shape['image']}"
     return net, f"inferred-{name}"
 

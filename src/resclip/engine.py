@@ -14,6 +14,7 @@ from .sfr import SFRConfig, patch_mode, pixel_labels, refinement_scores, sfr_mix
 from .vit import (
     Tower,
     encode_trunk,
+    head_chunks,
     last_block_output,
     last_block_qkv,
     num_blocks,
@@ -139,6 +140,36 @@ class DenseEngine:
             mixed = mixed + bias
         return mixed
 
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grid: tuple[int, int],
+        rcs_attn: torch.Tensor | None,
+        refine: torch.Tensor | None,
+        keep: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Last-block attention applied to ``v``, formed a group of heads at a time.
+
+        Args:
+            q, k, v: ``(B, H, T, d)``; rcs_attn, refine: as in :meth:`attention`.
+            keep: also return the whole ``(B, H, T, T)`` attention.
+
+        Returns:
+            ``(B, H, T, d)`` attention times values, and the attention if ``keep``.
+        """
+        b, h, t, _ = q.shape
+        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        kept = torch.empty(b, h, t, t, device=q.device) if keep else None
+        for hs in head_chunks(b, h, t):
+            rcs = rcs_attn[:, hs] if rcs_attn is not None else None
+            attn = self.attention(q[:, hs], k[:, hs], grid, rcs, refine)
+            out[:, hs] = torch.matmul(attn.to(v.dtype), v[:, hs])
+            if kept is not None:
+                kept[:, hs] = attn
+        return out, kept
+
     @torch.inference_mode()
     def window_logits(
         self,
@@ -164,12 +195,13 @@ class DenseEngine:
         trunk = encode_trunk(self.visual, crops, self.rcs_layers, self.explicit)
         same_query = first_identical_row(text)
         block = self.visual.transformer.resblocks[-1]
-        keep = self.method.keep_residual
+        keep_res = self.method.keep_residual
         q, k, v = last_block_qkv(block, trunk.x)
         refine = None
+        keep = aux is not None
         if self.sfr is not None:
-            first_attn = self.attention(q, k, trunk.grid, trunk.rcs_attn, None)
-            first_tokens = project_tokens(self.visual, last_block_output(block, trunk.x, first_attn, v, keep))
+            first_av, first_attn = self.attend(q, k, v, trunk.grid, trunk.rcs_attn, None, keep)
+            first_tokens = project_tokens(self.visual, last_block_output(block, trunk.x, first_av, keep_res))
             first_logits = patch_logits(first_tokens, text, trunk.grid, same_query)
             labels = pixel_labels(first_logits, crops, self.sfr, query_to_class)
             num_labels = text.shape[0] if self.sfr.label_level == "query" else int(query_to_class.max()) + 1
@@ -182,8 +214,8 @@ class DenseEngine:
                     sfr_label_map=label_map,
                     first_pass_attn=first_attn,
                 )
-        attn = self.attention(q, k, trunk.grid, trunk.rcs_attn, refine)
-        tokens = project_tokens(self.visual, last_block_output(block, trunk.x, attn, v, keep))
+        av, attn = self.attend(q, k, v, trunk.grid, trunk.rcs_attn, refine, keep)
+        tokens = project_tokens(self.visual, last_block_output(block, trunk.x, av, keep_res))
         if aux is not None:
             aux.update(tokens=tokens, pre_last_block_x=trunk.x, rcs_attn=trunk.rcs_attn, final_attn=attn)
         return patch_logits(tokens, text, trunk.grid, same_query)

@@ -4,16 +4,25 @@ Each step replaces every pixel's mask vector by an affinity-weighted average of 
 neighbours at each dilation. Affinities come from the image: for neighbour ``n`` of pixel ``p``,
 ``-|x_p - x_n| / (1e-8 + 0.1 * std)`` (std over the 3x3 neighbourhood of every dilation, centre
 included), averaged over image channels and softmaxed over the neighbours. Borders are
-replicated. The mask is processed one neighbour at a time, so memory stays at a few copies of it.
+replicated.
+
+A step is linear and the same for every channel, so on CPU it is one sparse ``(HW, HW)`` matrix
+(``8 * len(dilations)`` entries per row) times the ``(HW, C)`` mask: a single fused pass per
+step, with each output accumulated neighbour by neighbour exactly as the shifted-copy form does.
+Other devices use the shifted-copy form.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+# torch warns once per process that sparse CSR is "beta"; the one product used here is stable.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
@@ -33,16 +42,94 @@ def pamr_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor
         ``(B, 8 * len(dilations), H, W)`` weights summing to 1 over dim 1.
     """
     _, _, h, w = image.shape
-    diffs: list[torch.Tensor] = []
-    stds: list[torch.Tensor] = []
+    window: list[torch.Tensor] = []
+    neighbours: list[torch.Tensor] = []
     for d in dilations:
         padded = F.pad(image, [d] * 4, mode="replicate")
-        window = [_shift(padded, d, dy * d, dx * d, h, w) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-        stds.extend(window)
-        diffs.extend((image - _shift(padded, d, dy * d, dx * d, h, w)).abs() for dy, dx in _NEIGHBOURS)
-    std = torch.stack(stds, dim=2).std(dim=2, keepdim=True)  # (B, K, 1, H, W)
-    aff = -torch.stack(diffs, dim=2) / (1e-8 + 0.1 * std)
-    return aff.mean(dim=1).softmax(dim=1)
+        window.extend(_shift(padded, d, dy * d, dx * d, h, w) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        neighbours.extend(_shift(padded, d, dy * d, dx * d, h, w) for dy, dx in _NEIGHBOURS)
+    # unbiased std over the stacked windows, two passes without materialising the stack
+    mean = functools.reduce(torch.add, window) / len(window)
+    sq = functools.reduce(torch.add, ((v - mean).square() for v in window))
+    scale = 1e-8 + 0.1 * (sq / (len(window) - 1)).sqrt()
+    aff = torch.stack([(image - v).abs().div(scale).mean(dim=1) for v in neighbours], dim=1)
+    return (-aff).softmax(dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _neighbour_index(h: int, w: int, dilations: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR row pointers and column indices of the PAMR neighbour matrix of an ``h x w`` grid.
+
+    Row ``y * w + x`` lists its neighbours in :data:`_NEIGHBOURS` order per dilation, with
+    coordinates clamped to the grid (replicate borders).
+    """
+    k = 8 * len(dilations)
+    dtype = torch.int32 if h * w * k < 2**31 else torch.int64
+    ys = torch.arange(h).view(h, 1)
+    xs = torch.arange(w).view(1, w)
+    cols = [
+        ((ys + dy * d).clamp(0, h - 1) * w + (xs + dx * d).clamp(0, w - 1)).expand(h, w)
+        for d in dilations
+        for dy, dx in _NEIGHBOURS
+    ]
+    col = torch.stack(cols, dim=-1).reshape(-1).to(dtype)
+    crow = torch.arange(0, h * w * k + 1, k, dtype=dtype)
+    return crow, col
+
+
+def _propagate_sparse(
+    aff: torch.Tensor, mask: torch.Tensor, steps: int, dilations: tuple[int, ...], out: torch.Tensor
+) -> None:
+    """``steps`` PAMR steps of one image as sparse matrix products (CPU), written into ``out``.
+
+    Args:
+        aff: ``(N, H, W)`` affinities of one image; mask: ``(C, H, W)`` float32.
+        out: ``(C, H, W)`` float32 with channels-last storage (``out.permute(1, 2, 0)`` contiguous).
+    """
+    c, h, w = mask.shape
+    crow, col = _neighbour_index(h, w, dilations)
+    values = aff.permute(1, 2, 0).reshape(-1)
+    matrix = torch.sparse_csr_tensor(crow, col, values, (h * w, h * w), check_invariants=False)
+    rows = out.permute(1, 2, 0).view(h * w, c)
+    spare = torch.empty_like(rows)
+    # ping-pong between ``rows`` and ``spare``, starting where the last step lands in ``rows``
+    x, y = (rows, spare) if steps % 2 == 0 else (spare, rows)
+    x.copy_(mask.permute(1, 2, 0).reshape(h * w, c))
+    for _ in range(steps):
+        # addmm into a reused buffer is ~3x faster than ``matrix @ x`` here (same arithmetic)
+        torch.addmm(y, matrix, x, beta=0, out=y)
+        x, y = y, x
+
+
+def _propagate_shifted(
+    aff: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    dilations: tuple[int, ...],
+    out: torch.Tensor,
+    channel_chunk: int = 4,
+) -> None:
+    """``steps`` PAMR steps of one image as sums of shifted copies, a few channels at a time.
+
+    Args:
+        aff: ``(N, H, W)`` affinities of one image; mask: ``(C, H, W)`` float32.
+        out: ``(C, H, W)`` float32 that receives the result.
+    """
+    h, w = mask.shape[-2:]
+    pad = max(dilations)
+    offsets = [(pad + dy * d, pad + dx * d) for d in dilations for dy, dx in _NEIGHBOURS]
+    for start in range(0, mask.shape[0], channel_chunk):
+        part = mask[start : start + channel_chunk]
+        term = torch.empty_like(part)
+        for _ in range(steps):
+            # one replicate pad serves every dilation: the clamped coordinates are the same
+            padded = F.pad(part[None], [pad] * 4, mode="replicate")[0]
+            acc = torch.zeros_like(part)
+            for n, (oy, ox) in enumerate(offsets):
+                torch.mul(padded[:, oy : oy + h, ox : ox + w], aff[n], out=term)
+                acc += term
+            part = acc
+        out[start : start + channel_chunk] = part
 
 
 def pamr(
@@ -50,23 +137,20 @@ def pamr(
     mask: torch.Tensor,
     steps: int,
     dilations: Sequence[int] = (8, 16),
-    channel_chunk: int = 4,
 ) -> torch.Tensor:
     """Refine ``mask`` with ``steps`` PAMR iterations guided by ``image``.
 
-    Images and channels are independent, so they are refined a few channels of one image at a
-    time: all iterations of a chunk then stay in cache (several times faster on CPU than sweeping
-    every channel per iteration); the arithmetic of each element is unchanged.
+    Images are refined one at a time (their working set then stays in cache).
 
     Args:
         image: ``(B, K, H, W)`` float guide image.
         mask: ``(B, C, H, W)`` float scores at the image's size.
         steps: number of iterations (0 returns ``mask``).
         dilations: neighbour distances (the baselines use (8, 16)).
-        channel_chunk: channels refined together.
 
     Returns:
-        ``(B, C, H, W)`` refined scores in the dtype of ``mask``.
+        ``(B, C, H, W)`` refined scores in the dtype of ``mask`` (stored channels-last on CPU:
+        ``out.permute(0, 2, 3, 1)`` is contiguous there).
     """
     if steps <= 0:
         return mask
@@ -74,22 +158,16 @@ def pamr(
         raise ValueError(
             f"PAMR image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ"
         )
-    aff = pamr_affinity(image.float(), dilations)
-    h, w = mask.shape[-2:]
-    pad = max(dilations)
-    offsets = [(pad + dy * d, pad + dx * d) for d in dilations for dy, dx in _NEIGHBOURS]
-    step = max(1, channel_chunk)
-    out = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
-    for b, start in itertools.product(range(mask.shape[0]), range(0, mask.shape[1], step)):
-        part = mask[b : b + 1, start : start + step].float()
-        term = torch.empty_like(part)
-        for _ in range(steps):
-            # one replicate pad serves every dilation: the clamped coordinates are the same
-            padded = F.pad(part, [pad] * 4, mode="replicate")
-            acc = torch.zeros_like(part)
-            for n, (oy, ox) in enumerate(offsets):
-                torch.mul(padded[..., oy : oy + h, ox : ox + w], aff[b : b + 1, n : n + 1], out=term)
-                acc += term
-            part = acc
-        out[b : b + 1, start : start + step] = part
+    dil = tuple(int(d) for d in dilations)
+    b, c, h, w = mask.shape
+    if mask.device.type == "cpu":
+        propagate = _propagate_sparse
+        # channels-last storage: the sparse product's (HW, C) rows copy in without a transpose
+        out = torch.empty((b, h, w, c), dtype=torch.float32).permute(0, 3, 1, 2)
+    else:
+        propagate = _propagate_shifted
+        out = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+    for i in range(b):
+        aff = pamr_affinity(image[i : i + 1].float(), dil)[0]
+        propagate(aff, mask[i].float(), steps, dil, out[i])
     return out.to(mask.dtype)

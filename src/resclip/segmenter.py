@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +23,14 @@ from .protocol import Protocol
 from .rcs import RCSConfig
 from .sfr import SFRConfig
 from .text import ClassSpec, EmbeddingCache, check_embeddings, parse_classes, query_embeddings
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class SegResult:
@@ -85,7 +97,7 @@ class Segmenter:
     def __init__(
         self,
         engine: DenseEngine,
-        model: torch.nn.Module,
+        model: torch.nn.Module | None,
         tokenizer: Any,
         config: SegmenterConfig,
         device: torch.device,
@@ -134,6 +146,24 @@ class Segmenter:
                 self.model, self.tokenizer, spec, fingerprint=self.fingerprint, cache=self.text_cache
             )
         return spec, emb.to(self.device, torch.float32)
+
+    def release_text_tower(self) -> None:
+        """Free the CLIP text tower: the visual tower is all that prediction needs.
+
+        The text tower is about a quarter of a CLIP ViT's weights (ViT-L/14: 123 M parameters,
+        470 MiB in fp32). Afterwards a class list must come with ``embeddings=`` or have all its
+        queries in the text cache (lists encoded before the release are there unless the
+        segmenter was created with ``text_cache=False``); otherwise :meth:`encode_classes` raises.
+        ``resclip segment`` releases it once the classes are encoded.
+        """
+        self.model = None
+        gc.collect()
+        _trim_heap()
+
+    @property
+    def text_tower_released(self) -> bool:
+        """True after :meth:`release_text_tower`."""
+        return self.model is None
 
     # ------------------------------------------------------------------ image
     def check_size(self, size: tuple[int, int]) -> None:

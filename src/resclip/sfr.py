@@ -98,32 +98,44 @@ def pixel_labels(
     Returns:
         ``(B, Hc, Wc)`` int64 labels (query or class indices); low-confidence pixels are 0.
     """
-    up = F.interpolate(logits.float(), size=crops.shape[-2:], mode="bilinear", align_corners=False)
-    up = pamr(crops.float(), up, cfg.first_pass_pamr_steps, cfg.first_pass_pamr_dilations)
-    probs = torch.softmax(cfg.first_pass_logit_scale * up, dim=1)
-    if cfg.label_level == "class":
-        probs = class_max(probs, query_to_class)
-    conf, labels = probs.max(dim=1)
-    return labels.masked_fill(conf < cfg.confidence_thd, 0)
+    size = crops.shape[-2:]
+    out = torch.empty((logits.shape[0], *size), dtype=torch.int64, device=logits.device)
+    for i in range(logits.shape[0]):  # one window at a time: its maps stay in cache
+        up = F.interpolate(logits[i : i + 1].float(), size=size, mode="bilinear", align_corners=False)
+        up = pamr(crops[i : i + 1].float(), up, cfg.first_pass_pamr_steps, cfg.first_pass_pamr_dilations)
+        scores = up[0].permute(1, 2, 0)  # (Hc, Wc, Q): contiguous after PAMR on CPU
+        band = max(1, (1 << 20) // max(1, scores.shape[1] * scores.shape[2]))
+        for r0 in range(0, size[0], band):  # softmax a band of rows at a time
+            probs = torch.softmax(cfg.first_pass_logit_scale * scores[r0 : r0 + band], dim=-1)
+            if cfg.label_level == "class":
+                probs = class_max(probs, query_to_class, dim=-1)
+            conf, labels = probs.max(dim=-1)
+            out[i, r0 : r0 + band] = labels.masked_fill(conf < cfg.confidence_thd, 0)
+    return out
 
 
-def class_max(probs: torch.Tensor, query_to_class: torch.Tensor) -> torch.Tensor:
+def class_max(probs: torch.Tensor, query_to_class: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Max over each class's synonyms.
 
     Args:
-        probs: ``(B, Q, ...)`` per-query probabilities.
+        probs: ``(B, Q, ...)`` per-query probabilities (queries along ``dim``).
         query_to_class: ``(Q,)`` int64 class index of each query.
+        dim: the query axis.
 
     Returns:
-        ``(B, C, ...)`` per-class maxima.
+        ``probs`` with the ``Q`` queries along ``dim`` replaced by the ``C`` per-class maxima.
     """
     num_classes = int(query_to_class.max()) + 1
-    if num_classes == probs.shape[1]:
+    if num_classes == probs.shape[dim]:
         return probs
-    shape = (probs.shape[0], num_classes, *probs.shape[2:])
-    index = query_to_class.to(probs.device).view(1, -1, *([1] * (probs.dim() - 2))).expand_as(probs)
+    dim = dim % probs.dim()
+    view = [1] * probs.dim()
+    view[dim] = -1
+    index = query_to_class.to(probs.device).view(view).expand_as(probs)
+    shape = list(probs.shape)
+    shape[dim] = num_classes
     out = torch.full(shape, float("-inf"), dtype=probs.dtype, device=probs.device)
-    return out.scatter_reduce(1, index, probs, reduce="amax", include_self=True)
+    return out.scatter_reduce(dim, index, probs, reduce="amax", include_self=True)
 
 
 def patch_mode(labels: torch.Tensor, patch: int, num_labels: int) -> torch.Tensor:
@@ -149,28 +161,55 @@ def patch_mode(labels: torch.Tensor, patch: int, num_labels: int) -> torch.Tenso
 # ----------------------------------------------------------------------------- valid paths
 
 
-@functools.lru_cache(maxsize=8)
-def _line_table(h: int, w: int) -> torch.Tensor:
-    """``(N, N, Mx+1)`` int32 patch indices sampled along each straight segment i -> j.
+@functools.lru_cache(maxsize=16)
+def _line_axis(n: int, mx: int) -> torch.Tensor:
+    """``(n, n, mx+1)`` int64: ``round(a * (1 - t_k) + b * t_k)`` for grid coordinates ``a, b < n``.
 
-    Sample k of pair (i, j) is ``round(p_i * (1 - t_k) + p_j * t_k)`` with
-    ``t = linspace(0, 1, Mx + 1)`` in float32 and half-to-even rounding, for ``k <= d(i, j)``
-    (Chebyshev distance); later samples repeat ``i`` so that they never fail the check.
+    ``t = linspace(0, 1, mx + 1)`` in float32, half-to-even rounding (the released sampling).
     """
-    n = h * w
+    t = torch.linspace(0, 1, mx + 1, dtype=torch.float32)
+    a = torch.arange(n, dtype=torch.float32)
+    return torch.round(a[:, None, None] * (1 - t) + a[None, :, None] * t).long()
+
+
+def _line_rows(h: int, w: int, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the ``(N, N, Mx+1)`` table of patch indices along each segment i -> j.
+
+    Sample k of pair (i, j) is the patch at ``round(p_i * (1 - t_k) + p_j * t_k)`` (per axis),
+    for ``k <= d(i, j)`` (Chebyshev distance); later samples repeat ``i`` so that they never fail
+    the check. Rows and columns are sampled independently, so only two small per-axis tables
+    are cached and the ``N^2 (Mx+1)`` table is built a block of rows at a time.
+
+    Returns:
+        ``(stop - start, N, Mx+1)`` int64.
+    """
     mx = max(h, w) - 1
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)
-    t = torch.linspace(0, 1, mx + 1, dtype=torch.float32)
-    steps = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs())
-    ri, ci = rows.float()[:, None, None], cols.float()[:, None, None]
-    rj, cj = rows.float()[None, :, None], cols.float()[None, :, None]
-    pr = torch.round(ri * (1 - t) + rj * t).long()
-    pc = torch.round(ci * (1 - t) + cj * t).long()
-    idx = pr * w + pc
-    beyond = torch.arange(mx + 1)[None, None, :] > steps[:, :, None]
-    idx = torch.where(beyond, torch.arange(n)[:, None, None], idx)
-    return idx.to(torch.int32)
+    qi = torch.arange(start, stop)
+    pr = _line_axis(h, mx)[rows[qi]][:, rows]  # (c, N, K)
+    pc = _line_axis(w, mx)[cols[qi]][:, cols]
+    steps = torch.maximum((rows[qi, None] - rows).abs(), (cols[qi, None] - cols).abs())
+    beyond = torch.arange(mx + 1) > steps[:, :, None]
+    return torch.where(beyond, qi[:, None, None], pr * w + pc)
+
+
+def _rows_per_block(n: int, k: int) -> int:
+    return max(1, (1 << 21) // max(1, n * k))  # int64 blocks of at most 16 MiB
+
+
+@functools.lru_cache(maxsize=4)
+def _line_table(h: int, w: int) -> torch.Tensor:
+    """The whole ``(N, N, Mx+1)`` sample table of :func:`_line_rows`, in int16 (int32 from
+    32768 patches), built a block of rows at a time. A few grid sizes are kept: sliding windows
+    and most benchmark images share a handful of sizes.
+    """
+    n, k = h * w, max(h, w)
+    table = torch.empty(n, n, k, dtype=torch.int16 if n < 2**15 else torch.int32)
+    step = _rows_per_block(n, k)
+    for start in range(0, n, step):
+        table[start : start + step] = _line_rows(h, w, start, min(n, start + step))
+    return table
 
 
 def valid_path_line(labels: torch.Tensor) -> torch.Tensor:
@@ -183,17 +222,17 @@ def valid_path_line(labels: torch.Tensor) -> torch.Tensor:
         ``(B, N, N)`` bool, row = query patch i, column = key patch j.
     """
     b, h, w = labels.shape
-    n = h * w
+    n, k = h * w, max(h, w)
     table = _line_table(h, w).to(labels.device)
     flat = labels.reshape(b, n)
     out = torch.empty(b, n, n, dtype=torch.bool, device=labels.device)
-    rows_per_chunk = max(1, (1 << 22) // max(1, n * table.shape[-1]))
-    for bi in range(b):
-        same = flat[bi][:, None] == flat[bi][None, :]  # (N, N): same[i, m] = M(m) == M(i)
-        for start in range(0, n, rows_per_chunk):
-            stop = min(n, start + rows_per_chunk)
-            idx = table[start:stop].reshape(stop - start, -1).long()
-            ok = same[start:stop].gather(1, idx).view(stop - start, n, -1)
+    same = flat[:, :, None] == flat[:, None, :]  # (B, N, N): same[., i, m] = M(m) == M(i)
+    step = _rows_per_block(n, k)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        idx = table[start:stop].reshape(stop - start, -1).long()
+        for bi in range(b):
+            ok = same[bi, start:stop].gather(1, idx).view(stop - start, n, k)
             out[bi, start:stop] = ok.all(dim=-1)
     return out
 

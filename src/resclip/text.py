@@ -282,7 +282,9 @@ def text_fingerprint(model: nn.Module) -> str:
             continue
         flat = param.detach().flatten()
         sample = flat[:: max(1, flat.numel() // 64)][:64].double().cpu()
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{flat.double().sum().item():.10e}".encode())
+        # summed a block at a time: a float64 copy of the token embedding alone would be ~300 MB (L/14)
+        total = sum(float(flat[i : i + (1 << 20)].double().sum()) for i in range(0, flat.numel(), 1 << 20))
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{total:.10e}".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -429,7 +431,7 @@ class EmbeddingCache:
 
 
 def query_embeddings(
-    model: nn.Module,
+    model: nn.Module | None,
     tokenizer: Tokenizer,
     spec: ClassSpec,
     *,
@@ -441,7 +443,8 @@ def query_embeddings(
     """Embeddings of every query of ``spec``, computed with :func:`encode_queries` or taken from ``cache``.
 
     Args:
-        model: an open_clip CLIP.
+        model: an open_clip CLIP, or None when its text tower was released (every query must then be
+            in ``cache``).
         tokenizer: its tokenizer.
         spec: the classes.
         fingerprint: identifies the model weights in cache keys (e.g. :func:`text_fingerprint`); two models
@@ -452,6 +455,9 @@ def query_embeddings(
 
     Returns:
         (Q, D) float32 tensor on the model's device, rows of unit norm, in ``spec.queries`` order.
+
+    Raises:
+        ValueError: ``model`` is None and some query is not in ``cache``.
     """
     unique = list(dict.fromkeys(spec.queries))
     found: dict[str, torch.Tensor] = {}
@@ -461,8 +467,17 @@ def query_embeddings(
             if hit is not None:
                 found[query] = hit
     missing = [query for query in unique if query not in found]
-    device = _model_device(model)
+    if missing and model is None:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        shown = ", ".join(repr(q) for q in missing[:5]) + more
+        raise ValueError(
+            f"the text tower was released (Segmenter.release_text_tower()) and the embeddings of {shown} "
+            "are not in the text cache: pass embeddings=... (e.g. from encode_classes() before the release) "
+            "or create a new segmenter"
+        )
+    device = _model_device(model) if model is not None else torch.device("cpu")
     if missing:
+        assert model is not None
         computed = encode_queries(model, tokenizer, missing, templates, batch_size=batch_size)
         for query, row in zip(missing, computed, strict=True):
             found[query] = row

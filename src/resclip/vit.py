@@ -80,30 +80,61 @@ def _attn_out(block: Block, attn_out: torch.Tensor) -> torch.Tensor:
     return F.linear(merge_heads(attn_out), proj.weight, proj.bias)
 
 
-def run_block(block: Block, x: torch.Tensor, keep_attn: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def head_chunks(b: int, h: int, t: int, budget: int = 1 << 20) -> list[slice]:
+    """Split ``h`` heads into near-equal groups whose ``(b, heads, t, t)`` maps hold at most
+    ``budget`` elements (at least one head per group), so that only one group's attention maps
+    are alive at a time.
+    """
+    per = max(1, budget // max(1, b * t * t))
+    groups = -(-h // per)
+    size = -(-h // groups)
+    return [slice(start, min(h, start + size)) for start in range(0, h, size)]
+
+
+def run_block(
+    block: Block,
+    x: torch.Tensor,
+    keep_attn: bool = False,
+    *,
+    explicit: bool = False,
+    attn_sum: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One unchanged pre-LN transformer block.
 
     Args:
         x: ``(B, T, C)``.
         keep_attn: form the attention explicitly and return it.
+        explicit: form the attention explicitly (``softmax(q k^T s) @ v``) without returning it.
+        attn_sum: ``(B, H, T, T)`` float32 to which this block's attention is added in place.
+
+    An explicit attention is formed a group of heads at a time (see :func:`head_chunks`); otherwise
+    the block uses fused attention.
 
     Returns:
-        ``(B, T, C)`` output and, if asked, the ``(B, H, T, T)`` float32 attention.
+        ``(B, T, C)`` output and, if ``keep_attn``, the ``(B, H, T, T)`` float32 attention.
     """
     attn_mod = block.attn
     q, k, v = project_qkv(
         layer_norm(x, block.ln_1), attn_mod.in_proj_weight, attn_mod.in_proj_bias, attn_mod.num_heads
     )
-    attn = None
-    if keep_attn:
-        attn = torch.softmax(scaled_scores(q, k), dim=-1)
-        out = torch.matmul(attn.to(v.dtype), v)
+    kept = None
+    if keep_attn or explicit or attn_sum is not None:
+        b, h, t, _ = q.shape
+        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        kept = torch.empty(b, h, t, t, device=q.device) if keep_attn else None
+        for hs in head_chunks(b, h, t):
+            attn = torch.softmax(scaled_scores(q[:, hs], k[:, hs]), dim=-1)
+            out[:, hs] = torch.matmul(attn.to(v.dtype), v[:, hs])
+            if kept is not None:
+                kept[:, hs] = attn
+            if attn_sum is not None:
+                attn_sum[:, hs] += attn
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     y = _attn_out(block, out)
     ls_1 = getattr(block, "ls_1", None)
     x = x + (ls_1(y) if ls_1 is not None else y)
-    return _mlp_residual(block, x), attn
+    return _mlp_residual(block, x), kept
 
 
 def encode_trunk(
@@ -122,25 +153,24 @@ def encode_trunk(
     blocks = visual.transformer.resblocks
     total: torch.Tensor | None = None
     for i in range(len(blocks) - 1):
-        keep = i in rcs_layers
-        x, attn = run_block(blocks[i], x, keep_attn=keep or explicit)
-        attn = attn if keep else None
-        if attn is not None:
-            total = attn if total is None else total + attn
+        if i in rcs_layers and total is None:
+            b, t = x.shape[:2]
+            total = torch.zeros(b, blocks[i].attn.num_heads, t, t, device=x.device)
+        x, _ = run_block(blocks[i], x, explicit=explicit, attn_sum=total if i in rcs_layers else None)
     mean = total / len(rcs_layers) if total is not None else None
     return TrunkOutput(x=x, grid=grid, rcs_attn=mean)
 
 
 def last_block_output(
-    block: Block, x: torch.Tensor, attn: torch.Tensor, v: torch.Tensor, keep_residual: bool
+    block: Block, x: torch.Tensor, attn_v: torch.Tensor, keep_residual: bool
 ) -> torch.Tensor:
-    """Apply a given attention in the last block.
+    """Finish the last block from its attention-weighted values.
 
     Args:
-        x: ``(B, T, C)`` block input; attn ``(B, H, T, T)``; v ``(B, H, T, d)``.
+        x: ``(B, T, C)`` block input; attn_v: ``(B, H, T, d)`` attention times values.
         keep_residual: add ``x`` and run the MLP branch (else ``out_proj(A v)`` alone).
     """
-    y = _attn_out(block, torch.matmul(attn.to(v.dtype), v))
+    y = _attn_out(block, attn_v)
     if not keep_residual:
         return y
     return _mlp_residual(block, x + y)

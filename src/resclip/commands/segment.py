@@ -361,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
         seg = segmenter_from_args(args)
         check_class_lengths(seg.tokenizer, spec)
         spec, emb = seg.encode_classes(cast(Any, spec))
+    seg.release_text_tower()  # the classes are fixed for the run: only the visual tower is needed
     out.mkdir(parents=True, exist_ok=True)
     return _process(jobs, seg, spec, emb, args)
 
