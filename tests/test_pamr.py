@@ -48,11 +48,10 @@ def test_sparse_and_shifted_propagation_agree():
     image = torch.rand(1, 3, 23, 31, generator=gen)
     mask = torch.randn(5, 23, 31, generator=gen)
     aff = pamr_affinity(image, (2, 5))[0]
-    for steps in (3, 4):  # odd and even step counts end in different buffers
-        sparse = torch.empty(23, 31, 5).permute(2, 0, 1)  # (5, 23, 31) stored channels-last
-        shifted = torch.empty(5, 23, 31)
-        _propagate_sparse(aff, mask, steps, (2, 5), sparse)
-        _propagate_shifted(aff, mask, steps, (2, 5), shifted, channel_chunk=2)
+    for steps in (3, 4):
+        sparse, shifted = mask.clone(), mask.clone()
+        _propagate_sparse(aff, sparse, steps, (2, 5), group=2)  # groups of 2, 2 and 1 channels
+        _propagate_shifted(aff, shifted, steps, (2, 5), group=3)
         torch.testing.assert_close(sparse, shifted, atol=1e-6, rtol=0)
 
 

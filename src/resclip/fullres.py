@@ -24,7 +24,7 @@ from .protocol import (
 )
 from .upsample import bilinear_rows, bilinear_rows_exact, row_bands
 
-DEFAULT_BUDGET = 1 << 24  # elements of the largest (Q, rows, W) band
+DEFAULT_BUDGET = 1 << 22  # elements of the largest (Q, rows, W) band (16 MiB in float32)
 
 
 def mask_dtype(num_classes: int) -> np.dtype:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import DenseEngine
-from .fullres import FullResolution
+from .fullres import DEFAULT_BUDGET, FullResolution
 from .preprocess import ImageInput, load_image, normalise, rescale_size, resize_image, window_coords
 from .protocol import Protocol
 from .rcs import RCSConfig
@@ -104,7 +104,7 @@ class Segmenter:
         window_batch: int = 8,
         text_cache: EmbeddingCache | None = None,
         fingerprint: str = "",
-        band_budget: int = 1 << 24,
+        band_budget: int = DEFAULT_BUDGET,
     ) -> None:
         if window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
@@ -211,7 +211,7 @@ class Segmenter:
             for (y1, x1, y2, x2), win in zip(chunk, up, strict=False):
                 acc[:, y1:y2, x1:x2] += win
                 count[:, y1:y2, x1:x2] += 1
-        return acc / count
+        return acc.div_(count)
 
     @torch.inference_mode()
     def predict(

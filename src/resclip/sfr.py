@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .pamr import pamr
+from .pamr import pamr_
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,12 @@ def pixel_labels(
     out = torch.empty((logits.shape[0], *size), dtype=torch.int64, device=logits.device)
     for i in range(logits.shape[0]):  # one window at a time: its maps stay in cache
         up = F.interpolate(logits[i : i + 1].float(), size=size, mode="bilinear", align_corners=False)
-        up = pamr(crops[i : i + 1].float(), up, cfg.first_pass_pamr_steps, cfg.first_pass_pamr_dilations)
-        scores = up[0].permute(1, 2, 0)  # (Hc, Wc, Q): contiguous after PAMR on CPU
-        band = max(1, (1 << 20) // max(1, scores.shape[1] * scores.shape[2]))
-        for r0 in range(0, size[0], band):  # softmax a band of rows at a time
-            probs = torch.softmax(cfg.first_pass_logit_scale * scores[r0 : r0 + band], dim=-1)
+        pamr_(crops[i : i + 1].float(), up, cfg.first_pass_pamr_steps, cfg.first_pass_pamr_dilations)
+        scores = up[0]  # (Q, Hc, Wc)
+        band = max(1, (1 << 20) // max(1, scores.shape[0] * scores.shape[2]))
+        for r0 in range(0, size[0], band):  # softmax a band of rows at a time, classes last
+            band_scores = scores[:, r0 : r0 + band].permute(1, 2, 0).contiguous()
+            probs = torch.softmax(cfg.first_pass_logit_scale * band_scores, dim=-1)
             if cfg.label_level == "class":
                 probs = class_max(probs, query_to_class, dim=-1)
             conf, labels = probs.max(dim=-1)
@@ -195,7 +196,7 @@ def _line_rows(h: int, w: int, start: int, stop: int) -> torch.Tensor:
 
 
 def _rows_per_block(n: int, k: int) -> int:
-    return max(1, (1 << 21) // max(1, n * k))  # int64 blocks of at most 16 MiB
+    return max(1, (1 << 19) // max(1, n * k))  # int64 blocks of at most 4 MiB
 
 
 @functools.lru_cache(maxsize=4)

@@ -78,7 +78,7 @@ def _fused_lerp(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, w1: torch.Te
     return (w0.double() * a.double() + (w1 * b).double()).float()
 
 
-def row_bands(height: int, width: int, channels: int, budget: int = 1 << 24) -> list[tuple[int, int]]:
+def row_bands(height: int, width: int, channels: int, budget: int = 1 << 22) -> list[tuple[int, int]]:
     """Split ``height`` rows into bands of at most ``budget`` elements (``channels * rows * width``)."""
     rows = max(1, budget // max(1, channels * width))
     return [(r, min(height, r + rows)) for r in range(0, height, rows)]

@@ -80,7 +80,7 @@ def _attn_out(block: Block, attn_out: torch.Tensor) -> torch.Tensor:
     return F.linear(merge_heads(attn_out), proj.weight, proj.bias)
 
 
-def head_chunks(b: int, h: int, t: int, budget: int = 1 << 20) -> list[slice]:
+def head_chunks(b: int, h: int, t: int, budget: int = 1 << 22) -> list[slice]:
     """Split ``h`` heads into near-equal groups whose ``(b, heads, t, t)`` maps hold at most
     ``budget`` elements (at least one head per group), so that only one group's attention maps
     are alive at a time.
