@@ -490,7 +490,7 @@ class _SFRClock:
     distance decay, smoothing, normalisation). The mix into the second pass's scores is not counted.
     """
 
-    FIRST_PASS = ("attention", "last_block_output", "project_tokens", "patch_logits")
+    FIRST_PASS = ("attend", "last_block_output", "project_tokens", "patch_logits")
 
     def __init__(self, sync: Callable[[], None], sfr_on: bool) -> None:
         self.sync = sync
@@ -537,25 +537,25 @@ class _SFRClock:
                 "refinement_scores",
             )
         ]
-        patches += [(sfr_mod, n) for n in ("pamr", "valid_path_line", "valid_path_connected")]
+        patches += [(sfr_mod, n) for n in ("pamr_", "valid_path_line", "valid_path_connected")]
         saved = [(obj, n, getattr(obj, n)) for obj, n in patches]
         engine = seg.engine
         try:
             for obj, n, fn in saved:
                 setattr(obj, n, self.wrap(n, fn))
-            engine.attention = self.wrap("attention", engine.attention)
+            engine.attend = self.wrap("attend", engine.attend)
             engine.window_logits = self.wrap("window_logits", engine.window_logits)
             yield
         finally:
             for obj, n, fn in saved:
                 setattr(obj, n, fn)
-            del engine.attention
+            del engine.attend
             del engine.window_logits
 
     def report(self, predict_s: float) -> dict[str, Any]:
         t = self.total
         first_pass = sum(self.first.values())
-        pamr_s = t.get("pamr", 0.0)
+        pamr_s = t.get("pamr_", 0.0)
         path_s = t.get("valid_path_line", 0.0) + t.get("valid_path_connected", 0.0)
         labels_s = t.get("pixel_labels", 0.0)
         label_map_s = t.get("patch_mode", 0.0)

@@ -121,9 +121,9 @@ class DenseEngine:
             b, h, t, _ = q.shape
             attn = identity_attention(b, h, t, q.device)
         else:
-            attn = torch.zeros((), device=q.device)
-            for scores in terms:
-                attn = attn + torch.softmax(self._mixed_scores(scores, bias, refine), dim=-1)
+            attn = torch.softmax(self._mixed_scores(terms[0], bias, refine), dim=-1)
+            for scores in terms[1:]:
+                attn += torch.softmax(self._mixed_scores(scores, bias, refine), dim=-1)
         if rcs_attn is not None and self.rcs is not None:
             attn = rcs_mix(attn, rcs_attn, self.rcs)
         return attn
@@ -131,13 +131,14 @@ class DenseEngine:
     def _mixed_scores(
         self, scores: torch.Tensor, bias: torch.Tensor | None, refine: torch.Tensor | None
     ) -> torch.Tensor:
+        # ``scores`` is a fresh term of this call (score_terms), so the bias is added in place
         if refine is None or self.sfr is None:
-            return scores if bias is None else scores + bias
+            return scores if bias is None else scores.add_(bias)
         if bias is not None and not self.sfr.bias_after_mix:
-            scores = scores + bias
+            scores = scores.add_(bias)
         mixed = sfr_mix(scores, refine, self.sfr)
         if bias is not None and self.sfr.bias_after_mix:
-            mixed = mixed + bias
+            mixed += bias
         return mixed
 
     def attend(

@@ -60,4 +60,7 @@ def rcs_mix(attn: torch.Tensor, attn_c: torch.Tensor, cfg: RCSConfig) -> torch.T
     Returns:
         ``(B, H, T, T)`` ``tau * ((1 - lam) * attn + lam * attn_c)``.
     """
-    return cfg.tau * ((1.0 - cfg.lam) * attn + cfg.lam * attn_c)
+    # one output buffer and one temporary; the same three roundings as the expression above
+    out = torch.mul(attn, 1.0 - cfg.lam)
+    out += torch.mul(attn_c, cfg.lam)
+    return out.mul_(cfg.tau)

@@ -365,4 +365,6 @@ def sfr_mix(scores: torch.Tensor, refine: torch.Tensor, cfg: SFRConfig) -> torch
     """
     # The released code casts Ŝ to fp16 and multiplies by lam there, even on an fp32 model.
     weighted = (cfg.lam * refine.half()).float() if cfg.fp16_scores else cfg.lam * refine
-    return cfg.tau * ((1.0 - cfg.lam) * scores + weighted)
+    out = torch.mul(scores, 1.0 - cfg.lam)  # one (B, H, T, T) buffer, updated in place
+    out += weighted
+    return out.mul_(cfg.tau)

@@ -30,7 +30,8 @@ class BaseAttention:
     description: str = ""
 
     def score_terms(self, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
-        """Pre-softmax score terms, each ``(B, H, T, T)`` float32; empty = identity attention."""
+        """Pre-softmax score terms, each a new ``(B, H, T, T)`` float32 tensor (the engine adds
+        biases to it in place); empty = identity attention."""
         raise NotImplementedError
 
     def score_bias(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
