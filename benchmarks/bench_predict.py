@@ -537,7 +537,10 @@ class _SFRClock:
                 "refinement_scores",
             )
         ]
-        patches += [(sfr_mod, n) for n in ("pamr_", "valid_path_line", "valid_path_connected")]
+        patches += [
+            (sfr_mod, n)
+            for n in ("pamr_affinity", "pamr_propagate", "valid_path_line", "valid_path_connected")
+        ]
         saved = [(obj, n, getattr(obj, n)) for obj, n in patches]
         engine = seg.engine
         try:
@@ -555,7 +558,7 @@ class _SFRClock:
     def report(self, predict_s: float) -> dict[str, Any]:
         t = self.total
         first_pass = sum(self.first.values())
-        pamr_s = t.get("pamr_", 0.0)
+        pamr_s = t.get("pamr_affinity", 0.0) + t.get("pamr_propagate", 0.0)
         path_s = t.get("valid_path_line", 0.0) + t.get("valid_path_connected", 0.0)
         labels_s = t.get("pixel_labels", 0.0)
         label_map_s = t.get("patch_mode", 0.0)

@@ -49,10 +49,16 @@ def test_sparse_and_shifted_propagation_agree():
     mask = torch.randn(5, 23, 31, generator=gen)
     aff = pamr_affinity(image, (2, 5))[0]
     for steps in (3, 4):
-        sparse, shifted = mask.clone(), mask.clone()
-        _propagate_sparse(aff, sparse, steps, (2, 5), group=2)  # groups of 2, 2 and 1 channels
-        _propagate_shifted(aff, shifted, steps, (2, 5), group=3)
+        sparse = torch.empty(23, 31, 5).permute(2, 0, 1)  # channels-last output
+        shifted = mask.clone()  # in place
+        _propagate_sparse(aff, mask, steps, (2, 5), sparse)
+        _propagate_shifted(aff, shifted, steps, (2, 5), shifted)
         torch.testing.assert_close(sparse, shifted, atol=1e-6, rtol=0)
+    wide = torch.randn(37, 23, 31, generator=gen)  # 3 groups of the sparse form: 16, 16, 5
+    sparse, shifted = torch.empty_like(wide), torch.empty_like(wide)
+    _propagate_sparse(aff, wide, 2, (2, 5), sparse)
+    _propagate_shifted(aff, wide, 2, (2, 5), shifted)
+    torch.testing.assert_close(sparse, shifted, atol=1e-6, rtol=0)
 
 
 def test_affinity_matches_the_stacked_std_formula():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+_GROUP = 16  # channels refined together by the sparse form
 
 
 def _shift(padded: torch.Tensor, pad: int, dy: int, dx: int, h: int, w: int) -> torch.Tensor:
@@ -78,22 +79,24 @@ def _neighbour_index(h: int, w: int, dilations: tuple[int, ...]) -> tuple[torch.
 
 
 def _propagate_sparse(
-    aff: torch.Tensor, mask: torch.Tensor, steps: int, dilations: tuple[int, ...], group: int = 16
+    aff: torch.Tensor, mask: torch.Tensor, steps: int, dilations: tuple[int, ...], out: torch.Tensor
 ) -> None:
-    """``steps`` PAMR steps of one image as sparse matrix products (CPU), in place.
+    """``steps`` PAMR steps of one image as sparse matrix products (CPU), written to ``out``.
 
-    Channels are refined ``group`` at a time (two ``(HW, group)`` buffers; 16 is also faster on
-    CPU than all channels at once).
+    Channels are refined ``_GROUP`` at a time (two ``(HW, group)`` buffers; groups of 16 are also
+    faster on CPU than all channels at once).
 
     Args:
-        aff: ``(N, H, W)`` affinities of one image; mask: ``(C, H, W)`` float32, overwritten.
+        aff: ``(N, H, W)`` affinities of one image; mask: ``(C, H, W)`` float32.
+        out: ``(C, H, W)`` float32, any strides (channels-last storage is the cheapest to fill);
+            may be ``mask`` itself.
     """
     c, h, w = mask.shape
     crow, col = _neighbour_index(h, w, dilations)
     values = aff.permute(1, 2, 0).reshape(-1)
     matrix = torch.sparse_csr_tensor(crow, col, values, (h * w, h * w), check_invariants=False)
-    g = min(group, c)
-    buffers = torch.empty(2, h * w * g, dtype=mask.dtype, device=mask.device)
+    g = min(_GROUP, c)
+    buffers = torch.empty(2, h * w * g, dtype=torch.float32, device=mask.device)
     for start in range(0, c, g):
         n = min(g, c - start)
         x, y = (buf[: h * w * n].view(h * w, n) for buf in buffers)
@@ -102,23 +105,23 @@ def _propagate_sparse(
             # addmm into a reused buffer is ~3x faster than ``matrix @ x`` here (same arithmetic)
             torch.addmm(y, matrix, x, beta=0, out=y)
             x, y = y, x
-        mask[start : start + n] = x.view(h, w, n).permute(2, 0, 1)
+        out[start : start + n] = x.view(h, w, n).permute(2, 0, 1)
 
 
 def _propagate_shifted(
-    aff: torch.Tensor, mask: torch.Tensor, steps: int, dilations: tuple[int, ...], group: int = 4
+    aff: torch.Tensor, mask: torch.Tensor, steps: int, dilations: tuple[int, ...], out: torch.Tensor
 ) -> None:
-    """``steps`` PAMR steps of one image as sums of shifted copies, ``group`` channels at a time,
-    in place.
+    """``steps`` PAMR steps of one image as sums of shifted copies, 4 channels at a time.
 
     Args:
-        aff: ``(N, H, W)`` affinities of one image; mask: ``(C, H, W)`` float32, overwritten.
+        aff: ``(N, H, W)`` affinities of one image; mask: ``(C, H, W)`` float32.
+        out: ``(C, H, W)`` float32 receiving the result (may be ``mask`` itself).
     """
     h, w = mask.shape[-2:]
     pad = max(dilations)
     offsets = [(pad + dy * d, pad + dx * d) for d in dilations for dy, dx in _NEIGHBOURS]
-    for start in range(0, mask.shape[0], group):
-        part = mask[start : start + group]
+    for start in range(0, mask.shape[0], 4):
+        part = mask[start : start + 4]
         term = torch.empty_like(part)
         for _ in range(steps):
             # one replicate pad serves every dilation: the clamped coordinates are the same
@@ -128,45 +131,36 @@ def _propagate_shifted(
                 torch.mul(padded[:, oy : oy + h, ox : ox + w], aff[n], out=term)
                 acc += term
             part = acc
-        mask[start : start + group] = part
+        out[start : start + 4] = part
 
 
-def pamr_(
-    image: torch.Tensor,
+def pamr_propagate(
+    aff: torch.Tensor,
     mask: torch.Tensor,
     steps: int,
     dilations: Sequence[int] = (8, 16),
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Refine ``mask`` in place with ``steps`` PAMR iterations guided by ``image``.
-
-    Images are refined one at a time (their working set then stays in cache), in float32.
+    """``steps`` PAMR iterations of one image with precomputed affinities.
 
     Args:
-        image: ``(B, K, H, W)`` float guide image.
-        mask: ``(B, C, H, W)`` float scores at the image's size; overwritten.
-        steps: number of iterations (0 leaves ``mask`` as is).
-        dilations: neighbour distances (the baselines use (8, 16)).
+        aff: ``(8 * len(dilations), H, W)`` from :func:`pamr_affinity` (one image).
+        mask: ``(C, H, W)`` float32 scores.
+        out: ``(C, H, W)`` float32 to write into (any strides; may be ``mask``); None allocates
+            one (channels-last storage on CPU).
 
     Returns:
-        ``mask``.
+        ``out``.
     """
-    if image.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(
-            f"PAMR image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ"
-        )
+    c, h, w = mask.shape
+    cpu = mask.device.type == "cpu"
+    if out is None:
+        out = torch.empty(h, w, c, device=mask.device).permute(2, 0, 1) if cpu else torch.empty_like(mask)
     if steps <= 0:
-        return mask
-    dil = tuple(int(d) for d in dilations)
-    propagate = _propagate_sparse if mask.device.type == "cpu" else _propagate_shifted
-    for i in range(mask.shape[0]):
-        aff = pamr_affinity(image[i : i + 1].float(), dil)[0]
-        if mask.dtype == torch.float32:
-            propagate(aff, mask[i], steps, dil)
-        else:
-            refined = mask[i].float()
-            propagate(aff, refined, steps, dil)
-            mask[i] = refined
-    return mask
+        return out.copy_(mask)
+    propagate = _propagate_sparse if cpu else _propagate_shifted
+    propagate(aff, mask, steps, tuple(int(d) for d in dilations), out)
+    return out
 
 
 def pamr(
@@ -175,8 +169,31 @@ def pamr(
     steps: int,
     dilations: Sequence[int] = (8, 16),
 ) -> torch.Tensor:
-    """Out-of-place :func:`pamr_`: ``(B, C, H, W)`` refined scores in the dtype of ``mask``
-    (``steps=0`` returns ``mask`` itself)."""
-    if steps <= 0 and image.shape[-2:] == mask.shape[-2:]:
+    """Refine ``mask`` with ``steps`` PAMR iterations guided by ``image``.
+
+    Images are refined one at a time (their working set then stays in cache), in float32.
+
+    Args:
+        image: ``(B, K, H, W)`` float guide image.
+        mask: ``(B, C, H, W)`` float scores at the image's size.
+        steps: number of iterations (0 returns ``mask`` itself).
+        dilations: neighbour distances (the baselines use (8, 16)).
+
+    Returns:
+        ``(B, C, H, W)`` refined scores in the dtype of ``mask`` (stored channels-last on CPU).
+    """
+    if image.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(
+            f"PAMR image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ"
+        )
+    if steps <= 0:
         return mask
-    return pamr_(image, mask.clone(), steps, dilations)
+    b, c, h, w = mask.shape
+    if mask.device.type == "cpu":
+        out = torch.empty(b, h, w, c).permute(0, 3, 1, 2)
+    else:
+        out = torch.empty(mask.shape, device=mask.device)
+    for i in range(b):
+        aff = pamr_affinity(image[i : i + 1].float(), dilations)[0]
+        pamr_propagate(aff, mask[i].float(), steps, dilations, out=out[i])
+    return out.to(mask.dtype)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .pamr import pamr_
+from .pamr import pamr_affinity, pamr_propagate
 
 
 @dataclass(frozen=True)
@@ -99,15 +99,24 @@ def pixel_labels(
         ``(B, Hc, Wc)`` int64 labels (query or class indices); low-confidence pixels are 0.
     """
     size = crops.shape[-2:]
-    out = torch.empty((logits.shape[0], *size), dtype=torch.int64, device=logits.device)
-    for i in range(logits.shape[0]):  # one window at a time: its maps stay in cache
-        up = F.interpolate(logits[i : i + 1].float(), size=size, mode="bilinear", align_corners=False)
-        pamr_(crops[i : i + 1].float(), up, cfg.first_pass_pamr_steps, cfg.first_pass_pamr_dilations)
-        scores = up[0]  # (Q, Hc, Wc)
-        band = max(1, (1 << 20) // max(1, scores.shape[0] * scores.shape[2]))
-        for r0 in range(0, size[0], band):  # softmax a band of rows at a time, classes last
-            band_scores = scores[:, r0 : r0 + band].permute(1, 2, 0).contiguous()
-            probs = torch.softmax(cfg.first_pass_logit_scale * band_scores, dim=-1)
+    steps, dil = cfg.first_pass_pamr_steps, cfg.first_pass_pamr_dilations
+    b, q = logits.shape[:2]
+    out = torch.empty((b, *size), dtype=torch.int64, device=logits.device)
+    scores = torch.empty(*size, q, device=logits.device)  # one window's refined logits, queries last
+    group = 16
+    band = max(1, (1 << 20) // max(1, size[1] * q))
+    for i in range(b):  # one window at a time, a few queries at a time: the maps stay in cache
+        aff = pamr_affinity(crops[i : i + 1].float(), dil)[0] if steps > 0 else None
+        for start in range(0, q, group):
+            part = logits[i : i + 1, start : start + group].float()
+            up = F.interpolate(part, size=size, mode="bilinear", align_corners=False)[0]
+            target = scores[:, :, start : start + group].permute(2, 0, 1)
+            if aff is None:
+                target.copy_(up)
+            else:
+                pamr_propagate(aff, up, steps, dil, out=target)
+        for r0 in range(0, size[0], band):  # softmax over queries, a band of rows at a time
+            probs = torch.softmax(cfg.first_pass_logit_scale * scores[r0 : r0 + band], dim=-1)
             if cfg.label_level == "class":
                 probs = class_max(probs, query_to_class, dim=-1)
             conf, labels = probs.max(dim=-1)
