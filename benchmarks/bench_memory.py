@@ -26,7 +26,6 @@ import shlex
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from bench_predict import (  # the benchmarks folder is not a package: sys.path 
     machine_info,
     machine_slug,
     maxrss_bytes,
+    measure_in_child,
     mib,
     package_versions,
     page_faults,
@@ -183,17 +183,7 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_main(spec_json: str, out_path: str) -> int:
-    spec = json.loads(spec_json)
-    try:
-        result = child_memory(spec)
-    except Exception as exc:  # reported to the parent
-        result = {
-            "status": "error",
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-        }
-    Path(out_path).write_text(json.dumps(result))
-    return 0 if result["status"] == "ok" else 1
+    return measure_in_child(child_memory, spec_json, out_path)
 
 
 # ============================================================================== parent side

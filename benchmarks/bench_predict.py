@@ -792,10 +792,13 @@ def child_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def child_main(spec_json: str, out_path: str) -> int:
+def measure_in_child(
+    measure: Callable[[dict[str, Any]], dict[str, Any]], spec_json: str, out_path: str
+) -> int:
+    """Run ``measure(spec)`` in a child process and write its result (or the error) as JSON."""
     spec = json.loads(spec_json)
     try:
-        result = child_throughput(spec) if spec["kind"] == "throughput" else child_predict(spec)
+        result = measure(spec)
     except Exception as exc:  # reported to the parent, which keeps going
         result = {
             "status": "error",
@@ -804,6 +807,14 @@ def child_main(spec_json: str, out_path: str) -> int:
         }
     Path(out_path).write_text(json.dumps(result))
     return 0 if result["status"] in ("ok", "unsupported") else 1
+
+
+def child_main(spec_json: str, out_path: str) -> int:
+    return measure_in_child(
+        lambda spec: child_throughput(spec) if spec["kind"] == "throughput" else child_predict(spec),
+        spec_json,
+        out_path,
+    )
 
 
 # ============================================================================== parent side

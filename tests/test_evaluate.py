@@ -62,7 +62,10 @@ def _seg(ckpt: Path, preset: str = "voc21", **kw: object) -> resclip.Segmenter:
 
 def test_matrix_is_the_sum_over_images(tiny64: Path, tmp_path: Path):
     seg = _seg(tiny64, sfr=True)
-    res = evaluate(seg, "voc21", VOC, limit=2, workers=2, state_dir=tmp_path, progress=False)
+    res = evaluate(
+        seg, "voc21", VOC, limit=2, workers=2, state_dir=tmp_path, progress=False, release_text_tower=True
+    )
+    assert seg.text_tower_released  # the reference below gets the classes from the text cache
     spec = get_dataset_spec("voc21")
     lines, _ = class_lines(spec)
     ref = ConfusionMatrix(21)

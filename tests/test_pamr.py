@@ -80,3 +80,16 @@ def test_affinity_matches_the_stacked_std_formula():
     std = torch.stack(views, 2).std(dim=2, keepdim=True)
     want = (-torch.stack(diffs, 2) / (1e-8 + 0.1 * std)).mean(dim=1).softmax(dim=1)
     torch.testing.assert_close(pamr_affinity(image, dil), want, atol=1e-6, rtol=1e-5)
+
+
+def test_the_shifted_form_used_off_cpu_gives_the_same_refinement(monkeypatch):
+    """GPUs run the shifted-copy form; forced on CPU, ``pamr`` gives what the sparse form gives."""
+    import resclip.pamr as pamr_mod
+
+    gen = torch.Generator().manual_seed(2)
+    image = torch.rand(2, 3, 40, 50, generator=gen)
+    mask = torch.randn(2, 20, 40, 50, generator=gen)
+    want = pamr(image, mask, 3, (2, 5))
+    monkeypatch.setattr(pamr_mod, "_propagate_sparse", pamr_mod._propagate_shifted)
+    torch.testing.assert_close(pamr(image, mask, 3, (2, 5)), want, atol=1e-6, rtol=0)
+    assert pamr(image, mask, 0) is mask

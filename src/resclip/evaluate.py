@@ -450,6 +450,7 @@ def evaluate(
     resume: bool = True,
     save_every: int = 50,
     progress: bool = True,
+    release_text_tower: bool = False,
 ) -> EvalResult:
     """Score a segmenter on a benchmark exactly as the papers do (dataset-level mIoU).
 
@@ -469,6 +470,8 @@ def evaluate(
         resume: reuse saved progress of the same key (False: recompute everything).
         save_every: save progress every this many images (and on interruption).
         progress: show a progress bar (rank 0 only).
+        release_text_tower: free ``seg``'s text tower once the classes are encoded (the commands do:
+            their segmenter serves one dataset); keep False to use ``seg`` with other class lists.
 
     Returns:
         An :class:`EvalResult` (``confusion`` is ``(C, C)`` int64, rows = ground truth).
@@ -482,6 +485,8 @@ def evaluate(
         if class_file is None:  # the reference files repeat a few synonyms (e.g. "bed"): known, harmless
             warnings.filterwarnings("ignore", message="synonyms .* appear in several classes")
         cspec, text = seg.encode_classes(lines)
+    if release_text_tower:
+        seg.release_text_tower()
     names = ["background", *cspec.names[1:]] if spec.background else list(cspec.names)
     key = state_key(seg, spec, root, lines)
     meta = {"dataset": spec.name, "root": str(root), "config": seg.config.to_dict()}

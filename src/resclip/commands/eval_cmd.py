@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             save_predictions=args.save_predictions,
             state_dir=state_dir_for(args, args.output),
             resume=not args.fresh,
+            release_text_tower=True,
             save_every=args.save_every,
             progress=args.progress,
         )

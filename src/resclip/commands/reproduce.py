@@ -229,6 +229,7 @@ class Runner:
             resume=not a.fresh,
             save_every=a.save_every,
             progress=a.progress,
+            release_text_tower=True,
         )
         if self.info.rank == 0:
             slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{row.label}_{backbone}_{ds}")

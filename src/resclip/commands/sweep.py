@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
                 resume=not args.fresh,
                 save_every=args.save_every,
                 progress=args.progress,
+                release_text_tower=True,
             )
             m = result.metrics
             rows.append(
