@@ -80,12 +80,17 @@ def gaussian_bias(h: int, w: int, std: float, device: torch.device) -> torch.Ten
     """NACLIP's neighbourhood prior: an unnormalised 2-D Gaussian of the patch distance.
 
     ``Ω[p, q] = exp(-|p - q|² / (2 std²))`` for patches p, q (peak 1 on the diagonal); the
-    CLS row and column are zero. Cached per grid.
+    CLS row and column are zero. Cached per grid and device.
 
     Returns:
         ``(T, T)`` float32 with ``T = 1 + h*w``.
     """
-    return _gaussian_bias_cpu(h, w, float(std)).to(device)
+    return _gaussian_bias_on(h, w, float(std), torch.device(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _gaussian_bias_on(h: int, w: int, std: float, device: torch.device) -> torch.Tensor:
+    return _gaussian_bias_cpu(h, w, std).to(device)  # one copy per device, none on CPU
 
 
 def identity_attention(b: int, heads: int, t: int, device: torch.device) -> torch.Tensor:

@@ -209,6 +209,11 @@ def _rows_per_block(n: int, k: int) -> int:
 
 
 @functools.lru_cache(maxsize=4)
+def _line_table_on(h: int, w: int, device: torch.device) -> torch.Tensor:
+    return _line_table(h, w).to(device)  # one copy per device, none on CPU
+
+
+@functools.lru_cache(maxsize=4)
 def _line_table(h: int, w: int) -> torch.Tensor:
     """The whole ``(N, N, Mx+1)`` sample table of :func:`_line_rows`, in int16 (int32 from
     32768 patches), built a block of rows at a time. A few grid sizes are kept: sliding windows
@@ -233,7 +238,7 @@ def valid_path_line(labels: torch.Tensor) -> torch.Tensor:
     """
     b, h, w = labels.shape
     n, k = h * w, max(h, w)
-    table = _line_table(h, w).to(labels.device)
+    table = _line_table_on(h, w, labels.device)
     flat = labels.reshape(b, n)
     out = torch.empty(b, n, n, dtype=torch.bool, device=labels.device)
     same = flat[:, :, None] == flat[:, None, :]  # (B, N, N): same[., i, m] = M(m) == M(i)
@@ -290,20 +295,21 @@ def valid_path_connected(labels: torch.Tensor, connectivity: int = 8) -> torch.T
 
 
 @functools.lru_cache(maxsize=8)
-def _chebyshev_decay(h: int, w: int) -> torch.Tensor:
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
+def _chebyshev_decay(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """``exp(-d / Mx)`` for the Chebyshev distance d of every patch pair, built on ``device``."""
+    rows = torch.arange(h, device=device).repeat_interleave(w)
+    cols = torch.arange(w, device=device).repeat(h)
     d = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs()).float()
     mx = max(h, w) - 1
     return torch.exp(-d / mx) if mx > 0 else torch.ones_like(d)
 
 
 @functools.lru_cache(maxsize=8)
-def _gaussian_kernel(n: int, std: float) -> torch.Tensor:
+def _gaussian_kernel(n: int, std: float, device: torch.device) -> torch.Tensor:
     size = min(n, int(6 * std + 1))
     if size % 2 == 0:
         size += 1
-    x = torch.arange(size, dtype=torch.float32) - size // 2
+    x = torch.arange(size, dtype=torch.float32, device=device) - size // 2
     g = torch.exp(-(x**2) / (2 * std * std))
     return (g / g.sum()).view(1, 1, -1)
 
@@ -318,7 +324,7 @@ def smooth_rows(scores: torch.Tensor, std: float) -> torch.Tensor:
         ``(B, N, N)``; zero padding at both ends of each row.
     """
     b, n, _ = scores.shape
-    kernel = _gaussian_kernel(n, float(std)).to(scores.device)
+    kernel = _gaussian_kernel(n, float(std), scores.device)
     out = F.conv1d(scores.reshape(b * n, 1, n), kernel, padding=kernel.shape[-1] // 2)
     return out.view(b, n, n)
 
@@ -347,7 +353,7 @@ def refinement_scores(labels: torch.Tensor, cfg: SFRConfig, aux: dict | None = N
         if aux is not None:
             aux["sfr_valid_path"] = valid
         v = valid.float()
-        decay = _chebyshev_decay(h, w).to(labels.device)
+        decay = _chebyshev_decay(h, w, labels.device)
         s = s * (v + (1 - v) * decay)
     s = smooth_rows(s, cfg.smoothing_std)
     if cfg.normalise:
