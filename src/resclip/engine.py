@@ -13,8 +13,8 @@ from .rcs import RCSConfig, rcs_mix
 from .sfr import SFRConfig, patch_mode, pixel_labels, refinement_scores, sfr_mix
 from .vit import (
     Tower,
+    attend_by_head_groups,
     encode_trunk,
-    head_chunks,
     last_block_output,
     last_block_qkv,
     num_blocks,
@@ -160,16 +160,12 @@ class DenseEngine:
         Returns:
             ``(B, H, T, d)`` attention times values, and the attention if ``keep``.
         """
-        b, h, t, _ = q.shape
-        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        kept = torch.empty(b, h, t, t, device=q.device) if keep else None
-        for hs in head_chunks(b, h, t):
+
+        def form(hs: slice) -> torch.Tensor:
             rcs = rcs_attn[:, hs] if rcs_attn is not None else None
-            attn = self.attention(q[:, hs], k[:, hs], grid, rcs, refine)
-            out[:, hs] = torch.matmul(attn.to(v.dtype), v[:, hs])
-            if kept is not None:
-                kept[:, hs] = attn
-        return out, kept
+            return self.attention(q[:, hs], k[:, hs], grid, rcs, refine)
+
+        return attend_by_head_groups(v, form, keep)
 
     @torch.inference_mode()
     def window_logits(

@@ -9,6 +9,7 @@ q-k attention RCS needs: there the attention is formed explicitly and averaged o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,31 @@ def head_chunks(b: int, h: int, t: int, budget: int = 1 << 22) -> list[slice]:
     return [slice(start, min(h, start + size)) for start in range(0, h, size)]
 
 
+def attend_by_head_groups(
+    v: torch.Tensor, form: Callable[[slice], torch.Tensor], keep: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply an explicit attention to ``v`` a group of heads at a time (see :func:`head_chunks`).
+
+    Args:
+        v: ``(B, H, T, d)`` values.
+        form: ``form(heads)`` returns the ``(B, h, T, T)`` float32 attention of the heads in the
+            slice ``heads``.
+        keep: also return the whole ``(B, H, T, T)`` attention.
+
+    Returns:
+        ``(B, H, T, d)`` attention times values, and the attention if ``keep``.
+    """
+    b, h, t, _ = v.shape
+    out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    kept = torch.empty(b, h, t, t, device=v.device) if keep else None
+    for hs in head_chunks(b, h, t):
+        attn = form(hs)
+        out[:, hs] = torch.matmul(attn.to(v.dtype), v[:, hs])
+        if kept is not None:
+            kept[:, hs] = attn
+    return out, kept
+
+
 def run_block(
     block: Block,
     x: torch.Tensor,
@@ -119,16 +145,14 @@ def run_block(
     )
     kept = None
     if keep_attn or explicit or attn_sum is not None:
-        b, h, t, _ = q.shape
-        out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        kept = torch.empty(b, h, t, t, device=q.device) if keep_attn else None
-        for hs in head_chunks(b, h, t):
+
+        def form(hs: slice) -> torch.Tensor:
             attn = torch.softmax(scaled_scores(q[:, hs], k[:, hs]), dim=-1)
-            out[:, hs] = torch.matmul(attn.to(v.dtype), v[:, hs])
-            if kept is not None:
-                kept[:, hs] = attn
             if attn_sum is not None:
                 attn_sum[:, hs] += attn
+            return attn
+
+        out, kept = attend_by_head_groups(v, form, keep_attn)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     y = _attn_out(block, out)
