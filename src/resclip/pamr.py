@@ -25,7 +25,7 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-_GROUP = 16  # channels refined together by the sparse form
+CHANNEL_GROUP = 16  # channels refined together by the sparse form (callers may group alike)
 
 
 def _shift(padded: torch.Tensor, pad: int, dy: int, dx: int, h: int, w: int) -> torch.Tensor:
@@ -83,8 +83,8 @@ def _propagate_sparse(
 ) -> None:
     """``steps`` PAMR steps of one image as sparse matrix products (CPU), written to ``out``.
 
-    Channels are refined ``_GROUP`` at a time (two ``(HW, group)`` buffers; groups of 16 are also
-    faster on CPU than all channels at once).
+    Channels are refined ``CHANNEL_GROUP`` at a time (two ``(HW, group)`` buffers; groups of 16
+    are also faster on CPU than all channels at once).
 
     Args:
         aff: ``(N, H, W)`` affinities of one image; mask: ``(C, H, W)`` float32.
@@ -95,7 +95,7 @@ def _propagate_sparse(
     crow, col = _neighbour_index(h, w, dilations)
     values = aff.permute(1, 2, 0).reshape(-1)
     matrix = torch.sparse_csr_tensor(crow, col, values, (h * w, h * w), check_invariants=False)
-    g = min(_GROUP, c)
+    g = min(CHANNEL_GROUP, c)
     buffers = torch.empty(2, h * w * g, dtype=torch.float32, device=mask.device)
     for start in range(0, c, g):
         n = min(g, c - start)
@@ -134,6 +134,16 @@ def _propagate_shifted(
         out[start : start + 4] = part
 
 
+def _new_output(mask: torch.Tensor) -> torch.Tensor:
+    """Empty float32 ``(..., C, H, W)`` like ``mask``, stored channels-last on CPU (what the sparse
+    form fills without a transpose)."""
+    if mask.device.type != "cpu":
+        return torch.empty(mask.shape, device=mask.device)
+    *lead, c, h, w = mask.shape
+    n = len(lead)
+    return torch.empty(*lead, h, w, c).permute(*range(n), n + 2, n, n + 1)
+
+
 def pamr_propagate(
     aff: torch.Tensor,
     mask: torch.Tensor,
@@ -152,13 +162,11 @@ def pamr_propagate(
     Returns:
         ``out``.
     """
-    c, h, w = mask.shape
-    cpu = mask.device.type == "cpu"
     if out is None:
-        out = torch.empty(h, w, c, device=mask.device).permute(2, 0, 1) if cpu else torch.empty_like(mask)
+        out = _new_output(mask)
     if steps <= 0:
         return out.copy_(mask)
-    propagate = _propagate_sparse if cpu else _propagate_shifted
+    propagate = _propagate_sparse if mask.device.type == "cpu" else _propagate_shifted
     propagate(aff, mask, steps, tuple(int(d) for d in dilations), out)
     return out
 
@@ -188,12 +196,8 @@ def pamr(
         )
     if steps <= 0:
         return mask
-    b, c, h, w = mask.shape
-    if mask.device.type == "cpu":
-        out = torch.empty(b, h, w, c).permute(0, 3, 1, 2)
-    else:
-        out = torch.empty(mask.shape, device=mask.device)
-    for i in range(b):
+    out = _new_output(mask)
+    for i in range(mask.shape[0]):
         aff = pamr_affinity(image[i : i + 1].float(), dilations)[0]
         pamr_propagate(aff, mask[i].float(), steps, dilations, out=out[i])
     return out.to(mask.dtype)

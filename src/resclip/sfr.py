@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .pamr import pamr_affinity, pamr_propagate
+from .pamr import CHANNEL_GROUP, pamr_affinity, pamr_propagate
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def pixel_labels(
     b, q = logits.shape[:2]
     out = torch.empty((b, *size), dtype=torch.int64, device=logits.device)
     scores = torch.empty(*size, q, device=logits.device)  # one window's refined logits, queries last
-    group = 16
+    group = CHANNEL_GROUP
     band = max(1, (1 << 20) // max(1, size[1] * q))
     for i in range(b):  # one window at a time, a few queries at a time: the maps stay in cache
         aff = pamr_affinity(crops[i : i + 1].float(), dil)[0] if steps > 0 else None
