@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predict import (  # the benchmarks folder is not a package: sys.path above
     RESULTS,
     TEXT_NOTE,
+    child_env,
     cpu_pressure,
     cpu_seconds,
     current_rss_bytes,
@@ -297,12 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(*args.child)
     sizes = [parse_size(s) for s in split_list(args.sizes)]
     malloc = parse_env_assignments(args.malloc_env)
-    env = dict(os.environ)
-    env.update(malloc)
-    if args.threads > 0:
-        env.setdefault("OMP_NUM_THREADS", str(args.threads))
-        env.setdefault("MKL_NUM_THREADS", str(args.threads))
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    env = child_env(malloc, args.threads)
     started = dt.datetime.now(dt.timezone.utc)
     rows: list[dict[str, Any]] = []
     for h, w in sizes:

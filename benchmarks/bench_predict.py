@@ -1293,6 +1293,18 @@ def markdown_throughput(t: dict[str, Any]) -> str:
     )
 
 
+def child_env(malloc: dict[str, str], threads: int) -> dict[str, str]:
+    """The children's environment: ours plus the allocator settings, the thread count (unless
+    already set) and offline model hubs."""
+    env = dict(os.environ)
+    env.update(malloc)
+    if threads > 0:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("MKL_NUM_THREADS", str(threads))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
 def default_output(args: argparse.Namespace, date: str) -> Path:
     tag = "_quick" if args.quick else ""
     return RESULTS / f"bench_predict_{date}_{machine_slug(args.device)}{tag}.json"
@@ -1304,12 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(*args.child)
     resolve_args(args)
     malloc = parse_env_assignments(args.malloc_env)
-    env = dict(os.environ)
-    env.update(malloc)
-    if args.threads > 0:
-        env.setdefault("OMP_NUM_THREADS", str(args.threads))
-        env.setdefault("MKL_NUM_THREADS", str(args.threads))
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    env = child_env(malloc, args.threads)
     started = dt.datetime.now(dt.timezone.utc)
     load_start = load_average()
     pressure_start = cpu_pressure()

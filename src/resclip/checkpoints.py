@@ -79,10 +79,12 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         )
     return state, marked
 
+
 def _all_finite(tensor: torch.Tensor, block: int = 1 << 22) -> bool:
     """``torch.isfinite(tensor).all()``, a block at a time (its temporaries are 5 bytes an element)."""
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.numel(), block))
+
 
 def _torch_load(path: Path) -> Any:
     try:
@@ -98,10 +100,12 @@ def _torch_load(path: Path) -> Any:
         except Exception:
             raise load_error from None
 
+
 def _brief(exc: BaseException, limit: int = 200) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
     return f"{type(exc).__name__}: {text[:limit]}"
+
 
 def check_vit_clip(state: Mapping[str, torch.Tensor], path: Path) -> None:
     name = str(path)
@@ -118,6 +122,7 @@ def check_vit_clip(state: Mapping[str, torch.Tensor], path: Path) -> None:
             f"pretrained={name!r} holds a CLIP with a ResNet or timm vision tower; only ViT CLIP checkpoints "
             "(OpenAI or open_clip format, with visual.conv1 and visual.transformer) are supported."
         )
+
 
 def load_strict(
     net: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str, inferred: bool
@@ -140,6 +145,7 @@ def load_strict(
     net.load_state_dict(state, strict=True, assign=True)
     _restore_causal_masks(net)
 
+
 def _restore_causal_masks(net: nn.Module) -> None:
     """Rebuild the non-persistent buffers a checkpoint lacks: open_clip's text ``attn_mask`` (causal)."""
     for module in net.modules():
@@ -150,6 +156,7 @@ def _restore_causal_masks(net: nn.Module) -> None:
                 where = f"{name!r} {tuple(buf.shape)} of {type(module).__name__}"
                 raise RuntimeError(f"cannot rebuild buffer {where}")
             module._buffers[name] = torch.full(tuple(buf.shape), float("-inf")).triu_(1)
+
 
 def _state_diff(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
     """Summarise how a state dict differs from a model's, or return '' if it fits."""
@@ -170,13 +177,15 @@ def _state_diff(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.
             parts.append(f"{len(items)} {label}, e.g. {'; '.join(items[:3])}")
     return ". ".join(parts)
 
+
 def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return len({m.group(1) for k in state if (m := pattern.match(k))})
 
+
 def build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: bool) -> tuple[nn.Module, str]:
-    """Build (without storage, see :func:`_build_named`) a CLIP whose dimensions are read from an
-    OpenAI-layout state dict."""
+    """Build on the meta device (no storage, filled by :func:`load_strict`) a CLIP whose dimensions
+    are read from an OpenAI-layout state dict."""
     missing = [k for k in _OPENAI_REQUIRED_KEYS if k not in state]
     if missing:
         raise ValueError(
@@ -237,9 +246,11 @@ def build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: bo
     name = match or f"vit-w{width}-l{shape['v_layers']}-p{patch}-i{shape['image']}"
     return net, f"inferred-{name}"
 
+
 def _mlp_ratio(hidden: int, width: int) -> float:
     """A ratio for which open_clip's ``int(width * mlp_ratio)`` gives back ``hidden`` despite rounding."""
     return (hidden + 0.5) / width
+
 
 def _match_registered(shape: Mapping[str, int]) -> tuple[str | None, int | None, int | None]:
     """Find plain open_clip configs with these tensor shapes; heads cannot be read from shapes alone.

@@ -154,7 +154,8 @@ class Segmenter:
         470 MiB in fp32). Afterwards a class list must come with ``embeddings=`` or have all its
         queries in the text cache (lists encoded before the release are there unless the
         segmenter was created with ``text_cache=False``); otherwise :meth:`encode_classes` raises.
-        ``resclip segment`` releases it once the classes are encoded.
+        ``resclip segment``, ``eval``, ``reproduce`` and ``sweep`` release it once their classes
+        are encoded.
         """
         self.model = None
         gc.collect()
