@@ -26,7 +26,8 @@ import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
-from .checkpoints import build_inferred, check_vit_clip, load_strict, read_checkpoint
+from .checkpoints import check_vit_clip, load_strict, read_checkpoint
+from .infer_arch import build_inferred
 
 __all__ = ["ClipInfo", "LoadedClip", "load_clip", "resolve_device", "resolve_precision"]
 
@@ -247,6 +248,11 @@ def _checkpoint_path(pretrained: str | None, arch: str | None) -> Path | None:
     path = Path(text).expanduser()
     if path.is_file():
         return path
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"pretrained={text!r} is not a regular file (a FIFO, socket or device): reading it could block "
+            "forever. Pass the path of a checkpoint file."
+        )
     if path.is_dir():
         raise FileNotFoundError(
             f"pretrained={text!r} is a directory; pass the checkpoint file inside it "
