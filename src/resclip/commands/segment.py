@@ -20,7 +20,10 @@ Policies (all checked before the model loads, so nothing is written on a bad com
 * existing output files are kept unless ``--overwrite``; the error names the first one found.
 
 A bad image (unreadable, truncated, too thin) among several is reported on one line, the others are
-still written, and the command exits with status 2 at the end. The model loads once and the class
+still written, and the command exits with status 2 at the end. An image's three files are written
+all-or-nothing: an output that cannot be written (a full disk, a read-only folder) is named on one
+line, none of that image's files is left behind (no temporary files either), and the other images
+go on. The model loads once and the class
 embeddings are computed once for all images.
 """
 
@@ -46,6 +49,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import __version__, viz
+from ..fileio import atomic_write as atomic_write  # re-exported: compare and attention import it here
+from ..fileio import atomic_write_all
 from ..palettes import PALETTES
 from ..preprocess import load_image
 from ..segmenter import Segmenter
@@ -104,6 +109,12 @@ def class_lines(text: str | None, path: str | None) -> tuple[list[str], str]:
         return read_class_file(path), f"class file {path!r} line"
     if text is None:
         raise UserError("give the class names with --classes \"cat; sofa; sky, clouds\" or --class-file FILE")
+    bad = next((ch for ch in text if "\udc80" <= ch <= "\udcff"), None)
+    if bad is not None:  # a byte that is not UTF-8, passed through by Python as a lone surrogate
+        byte = ord(bad) - 0xDC00
+        raise UserError(f"--classes is not valid UTF-8 (it holds the byte 0x{byte:02x}): type the "
+                        "names in a UTF-8 terminal (e.g. LANG=C.UTF-8) or save them to a UTF-8 file and "
+                        "pass --class-file")
     lines = text.replace("\n", ";").split(";")
     while lines and not lines[-1].strip():
         lines.pop()
@@ -127,6 +138,9 @@ def validate_classes(lines: Sequence[str], where: str = "class") -> ClassSpec:
         synonyms = tuple(part.strip() for part in line.split(","))
         if not line.strip():
             raise UserError(f"{where} {number} is empty (classes are separated by ';' or newlines)")
+        if any("\ud800" <= ch <= "\udfff" for ch in line):
+            raise UserError(f"{where} {number} ({line.strip()!r}) holds characters that are not valid text "
+                            "(invalid UTF-8); retype it")
         if not all(synonyms):
             raise UserError(f"{where} {number} ({line.strip()!r}) has an empty synonym (synonyms are "
                             "separated by ', ')")
@@ -167,17 +181,6 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise UserError(f"{str(path)!r} exists; pass --overwrite to replace it (nothing was written)")
     if path.exists() and path.is_dir():
         raise UserError(f"{str(path)!r} is a folder, expected a file name")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a sibling temporary file, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def image_bytes(img: Image.Image, suffix: str = ".png") -> bytes:
@@ -314,14 +317,20 @@ def json_text(record: dict[str, Any]) -> str:
 
 def write_outputs(job: Job, rgb: np.ndarray, mask: np.ndarray, spec: ClassSpec, seg: Segmenter,
                   palette: str, alpha: float) -> None:
-    """Write the mask PNG, the overlay with its legend and the JSON of one image."""
+    """Write the mask PNG, the overlay with its legend and the JSON of one image, all or none.
+
+    Raises:
+        resclip.fileio.OutputError: naming the file that could not be written; none of the three is
+            left behind (an existing one being replaced keeps its old content).
+    """
     mask_png = io.BytesIO()
     viz.mask_image(mask, spec.num_classes, palette).save(mask_png, format="PNG")
-    atomic_write(job.mask, mask_png.getvalue())
-    atomic_write(job.overlay, image_bytes(viz.overlay_with_legend(rgb, mask, spec.names, alpha, palette)))
+    overlay = image_bytes(viz.overlay_with_legend(rgb, mask, spec.names, alpha, palette))
     record = result_record(job.image, mask, spec, seg, palette, alpha,
                            {"mask": job.mask.name, "overlay": job.overlay.name})
-    atomic_write(job.json, (json_text(record) + "\n").encode("utf-8"))
+    # a file name that is not UTF-8 (a lone surrogate from the file system) is kept as a JSON \uXXXX escape
+    text = (json_text(record) + "\n").encode("utf-8", errors="backslashreplace")
+    atomic_write_all([(job.mask, mask_png.getvalue()), (job.overlay, overlay), (job.json, text)])
 
 
 # ------------------------------------------------------------------------------------------- command
