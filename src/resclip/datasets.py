@@ -8,6 +8,8 @@ raises an error that names the file and the expected layout; nothing is skipped 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .fileio import atomic_write
 from .preprocess import load_image
 
 IGNORE_INDEX = 255
@@ -414,19 +417,25 @@ def to_label_convention(mask: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     return values.astype(np.uint8)
 
 
-def save_prediction(mask: np.ndarray, path: str | os.PathLike[str], spec: DatasetSpec) -> None:
+def save_prediction(mask: np.ndarray, path: str | os.PathLike[str], spec: DatasetSpec) -> str:
     """Write a prediction PNG holding the same values a ground-truth file would.
 
     Args:
         mask: ``(H, W)`` predicted class indices in ``[0, num_classes)``.
-        path: output ``.png``; written atomically (temporary file, then rename).
+        path: output ``.png``; written atomically (:func:`resclip.fileio.atomic_write`).
         spec: the benchmark (``+1`` for reduce-zero-label datasets; VOC palette for VOC).
+
+    Returns:
+        The sha256 of the PNG written (a resumed evaluation checks the file against it).
+
+    Raises:
+        OutputError: naming ``path`` (no temporary file is left behind).
     """
     img = Image.fromarray(to_label_convention(mask, spec))  # 2-D uint8 -> mode "L"
     if spec.palette == "voc":
         img.putpalette(voc_palette())  # "L" -> "P", indices unchanged
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()

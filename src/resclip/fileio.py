@@ -20,7 +20,8 @@ class OutputError(OSError):
 
 
 def cache_root() -> Path:
-    """resclip's cache folder: ``$RESCLIP_CACHE``, else ``$XDG_CACHE_HOME/resclip`` or ``~/.cache/resclip``."""
+    """resclip's cache folder: ``$RESCLIP_CACHE``, else ``$XDG_CACHE_HOME/resclip`` or
+    ``~/.cache/resclip``."""
     root = os.environ.get("RESCLIP_CACHE")
     if root:
         return Path(root).expanduser()

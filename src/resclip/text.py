@@ -8,10 +8,10 @@ class (max), so ``ClassSpec.query_to_class`` maps each query to its class.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
-import tempfile
 import threading
 import warnings
 from collections import Counter, OrderedDict
@@ -25,6 +25,9 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .digest import tensor_digest
+from .fileio import OutputError, atomic_write, cache_root
 
 __all__ = [
     "TEMPLATES",
@@ -209,6 +212,7 @@ def encode_queries(
     """Embed each query as the normalised mean of its normalised prompt embeddings.
 
     For query q and templates t_1..t_T: ``e_q = normalise(mean_i normalise(encode_text(t_i.format(q))))``.
+    A query too long for the text encoder's context in some prompt triggers a ``UserWarning``.
 
     Args:
         model: an open_clip CLIP (anything with ``encode_text``), in its own device and dtype.
@@ -223,6 +227,16 @@ def encode_queries(
     Raises:
         ValueError: empty queries or templates, a template without ``"{}"``, or batch_size < 1.
     """
+    embeddings, truncated = _encode(model, tokenizer, queries, templates, batch_size)
+    _warn_truncated(truncated, stacklevel=3)
+    return embeddings
+
+
+def _encode(
+    model: nn.Module, tokenizer: Tokenizer, queries: Sequence[str], templates: Sequence[str], batch_size: int
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """:func:`encode_queries` without the warning: also returns ``{query: context length}`` for every
+    query that was truncated in some prompt."""
     queries = list(queries)
     templates = list(templates)
     if not queries:
@@ -235,23 +249,26 @@ def encode_queries(
     prompts = [template.replace("{}", query) for query in queries for template in templates]
     encode_text = cast(Any, model).encode_text
     chunks = []
-    truncated: set[int] = set()
+    truncated: dict[str, int] = {}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         tokens = tokenizer(batch)
-        truncated.update(start + i for i in _truncated_rows(tokenizer, batch, tokens))
+        for i in _truncated_rows(tokenizer, batch, tokens):
+            truncated[queries[(start + i) // len(templates)]] = int(tokens.shape[-1])
         features = encode_text(tokens.to(device)).float()
         chunks.append(F.normalize(features, dim=-1))
-    if truncated:
-        long_queries = sorted({queries[i // len(templates)] for i in truncated})
-        warnings.warn(
-            f"queries {long_queries} are longer than the text encoder's context of {tokens.shape[-1]} tokens "
-            "in some prompts and were truncated; shorten them",
-            UserWarning,
-            stacklevel=2,
-        )
     per_prompt = torch.cat(chunks).view(len(queries), len(templates), -1)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1), truncated
+
+
+def _warn_truncated(truncated: dict[str, int], stacklevel: int) -> None:
+    if truncated:
+        warnings.warn(
+            f"queries {sorted(truncated)} are longer than the text encoder's context of "
+            f"{max(truncated.values())} tokens in some prompts and were truncated; shorten them",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _truncated_rows(tokenizer: Tokenizer, prompts: Sequence[str], tokens: torch.Tensor) -> list[int]:
@@ -265,28 +282,28 @@ def _truncated_rows(tokenizer: Tokenizer, prompts: Sequence[str], tokens: torch.
 
 
 def text_fingerprint(model: nn.Module) -> str:
-    """A short hash of a CLIP's text tower, to key :class:`EmbeddingCache` entries.
+    """The sha256 of a CLIP's text tower, to key :class:`EmbeddingCache` entries.
 
-    Hashes the name, shape and dtype of every non-``visual.`` parameter together with a few sampled values
-    and its sum, so two checkpoints (or two random initialisations) get different fingerprints.
+    Digests the name, dtype, shape and every byte of each tensor outside ``visual.`` (a block at a time,
+    see :mod:`resclip.digest`): two checkpoints share it only if their text towers are bit-identical.
 
     Args:
         model: an open_clip CLIP.
 
     Returns:
-        A 16-character hex string.
+        A 64-character hex string.
     """
-    digest = hashlib.sha256()
-    for name, param in model.state_dict().items():
-        if name.startswith("visual.") or not param.is_floating_point():
-            continue
-        flat = param.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 64)][:64].double().cpu()
-        # summed a block at a time: a float64 copy of the token embedding alone would be ~300 MB (L/14)
-        total = sum(float(flat[i : i + (1 << 20)].double().sum()) for i in range(0, flat.numel(), 1 << 20))
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}|{total:.10e}".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return tensor_digest((n, t) for n, t in model.state_dict().items() if not n.startswith("visual."))
+
+
+def _text_dim(model: nn.Module | None) -> int | None:
+    """The embedding dimension D of a CLIP's text output, when it can be read off its projection."""
+    proj = getattr(model, "text_projection", None) if model is not None else None
+    if isinstance(proj, torch.Tensor) and proj.ndim == 2:
+        return int(proj.shape[1])
+    if isinstance(proj, nn.Linear):
+        return int(proj.out_features)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -294,26 +311,33 @@ def text_fingerprint(model: nn.Module) -> str:
 
 
 def _default_cache_dir() -> Path:
-    root = os.environ.get("RESCLIP_CACHE")
-    if root:
-        return Path(root).expanduser() / "text"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(xdg).expanduser() / "resclip" / "text"
+    return cache_root() / "text"
+
+
+def _checksum(key: str, embedding: torch.Tensor, truncated: int) -> str:
+    """sha256 of what an entry holds, stored with it and checked on every read."""
+    head = json.dumps([key, str(embedding.dtype), list(embedding.shape), truncated]).encode()
+    return hashlib.sha256(head + b"\n" + embedding.contiguous().numpy().tobytes()).hexdigest()
 
 
 class EmbeddingCache:
     """Thread-safe cache of query embeddings: an in-memory LRU in front of one small file per entry.
 
     An entry is keyed by the sha256 of (model fingerprint, query, templates), so adding a class reuses the
-    other classes' embeddings. Files are written atomically (temporary file, then ``os.replace``), so
-    concurrent processes can share a directory; an unreadable file is ignored with a warning and
-    overwritten. If the directory cannot be written, the cache warns once and keeps working in memory.
+    other classes' embeddings. Each file also holds the sha256 of its content (key, dtype, shape, values
+    and whether the query was truncated); a read checks it and the embedding's shape ``(D,)``, dtype
+    (float32) and finiteness, and a file that fails is ignored with a warning, recomputed and overwritten.
+    Files are written atomically (:func:`resclip.fileio.atomic_write`), so concurrent processes can share
+    a directory. If the directory cannot be written, the cache warns once and keeps working in memory.
 
     Args:
-        directory: cache folder; default ``$RESCLIP_CACHE/text`` or ``~/.cache/resclip/text``.
+        directory: cache folder; default ``<cache root>/text`` (:func:`resclip.fileio.cache_root`:
+            ``$RESCLIP_CACHE``, else ``$XDG_CACHE_HOME/resclip`` or ``~/.cache/resclip``).
         max_memory_items: entries kept in memory (least recently used are dropped first).
         disk: False keeps the cache in memory only.
     """
+
+    FORMAT = 2
 
     def __init__(
         self,
@@ -327,7 +351,7 @@ class EmbeddingCache:
         self.directory = Path(directory).expanduser() if directory is not None else _default_cache_dir()
         self.max_memory_items = max_memory_items
         self.disk = disk
-        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
         self._lock = threading.RLock()
         self._disk_warned = False
 
@@ -349,74 +373,123 @@ class EmbeddingCache:
         with self._lock:
             self._memory.clear()
 
-    def get(self, fingerprint: str, query: str, templates: Sequence[str] = TEMPLATES) -> torch.Tensor | None:
-        """Return the cached (D,) float32 CPU embedding, or None if absent or unreadable."""
+    def get(
+        self, fingerprint: str, query: str, templates: Sequence[str] = TEMPLATES, *, dim: int | None = None
+    ) -> torch.Tensor | None:
+        """Return the cached (D,) float32 CPU embedding, or None if absent or invalid.
+
+        Args:
+            dim: the expected D; an entry of another length is invalid (warned about, as a damaged file).
+        """
+        hit = self.lookup(fingerprint, query, templates, dim=dim)
+        return hit[0] if hit is not None else None
+
+    def lookup(
+        self, fingerprint: str, query: str, templates: Sequence[str] = TEMPLATES, *, dim: int | None = None
+    ) -> tuple[torch.Tensor, int] | None:
+        """Like :meth:`get`, also returning the context length at which the query was truncated in some
+        prompt when it was encoded (0: it was not)."""
         key = self.key(fingerprint, query, templates)
         with self._lock:
             if key in self._memory:
-                self._memory.move_to_end(key)
-                return self._memory[key]
+                embedding, truncated = self._memory[key]
+                if dim is None or embedding.shape == (dim,):
+                    self._memory.move_to_end(key)
+                    return embedding, truncated
+                del self._memory[key]
+                warnings.warn(
+                    f"ignoring a cached text embedding of {query!r} of length {embedding.shape[0]} "
+                    f"(the model's is {dim}); recomputing it",
+                    UserWarning,
+                    stacklevel=3,
+                )
             if not self.disk:
                 return None
-            embedding = self._read(self.path(key), fingerprint, query)
-            if embedding is not None:
-                self._remember(key, embedding)
-            return embedding
+            hit = self._read(self.path(key), key, fingerprint, query, dim)
+            if hit is not None:
+                self._remember(key, hit)
+            return hit
 
-    def put(self, fingerprint: str, query: str, templates: Sequence[str], embedding: torch.Tensor) -> None:
-        """Store a (D,) embedding (kept as float32 on the CPU)."""
+    def put(
+        self,
+        fingerprint: str,
+        query: str,
+        templates: Sequence[str],
+        embedding: torch.Tensor,
+        *,
+        truncated: int = 0,
+    ) -> None:
+        """Store a (D,) embedding (kept as float32 on the CPU).
+
+        Args:
+            truncated: the context length at which the query was truncated in some prompt (0: it was not);
+                a later hit repeats the warning.
+        """
         if embedding.ndim != 1:
             raise ValueError(f"embedding must be 1-D (D,), got shape {tuple(embedding.shape)}")
         key = self.key(fingerprint, query, templates)
         value = embedding.detach().to("cpu", torch.float32).clone()
+        truncated = int(truncated)
         with self._lock:
-            self._remember(key, value)
+            self._remember(key, (value, truncated))
             if self.disk:
-                self._write(self.path(key), {"fingerprint": fingerprint, "query": query, "embedding": value})
+                entry = {
+                    "format": self.FORMAT,
+                    "fingerprint": fingerprint,
+                    "query": query,
+                    "embedding": value,
+                    "truncated": truncated,
+                    "checksum": _checksum(key, value, truncated),
+                }
+                self._write(self.path(key), entry)
 
-    def _remember(self, key: str, value: torch.Tensor) -> None:
+    def _remember(self, key: str, value: tuple[torch.Tensor, int]) -> None:
         self._memory[key] = value
         self._memory.move_to_end(key)
         while len(self._memory) > self.max_memory_items:
             self._memory.popitem(last=False)
 
     @staticmethod
-    def _read(path: Path, fingerprint: str, query: str) -> torch.Tensor | None:
+    def _read(
+        path: Path, key: str, fingerprint: str, query: str, dim: int | None
+    ) -> tuple[torch.Tensor, int] | None:
         if not path.is_file():
             return None
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
-            embedding = entry["embedding"]
-            valid = (
-                entry["fingerprint"] == fingerprint
-                and entry["query"] == query
-                and isinstance(embedding, torch.Tensor)
-                and embedding.ndim == 1
-                and embedding.dtype == torch.float32
-                and bool(torch.isfinite(embedding).all())
-            )
-            if not valid:
-                raise ValueError("unexpected content")
+            if not isinstance(entry, dict) or entry.get("format") != EmbeddingCache.FORMAT:
+                raise ValueError("not an entry of this resclip version")
+            embedding, truncated = entry["embedding"], entry["truncated"]
+            if entry["fingerprint"] != fingerprint or entry["query"] != query:
+                raise ValueError("it belongs to another model or query")
+            if (
+                not isinstance(embedding, torch.Tensor)
+                or embedding.dtype != torch.float32
+                or embedding.ndim != 1
+            ):
+                raise ValueError("the embedding is not a 1-D float32 tensor")
+            if dim is not None and embedding.shape[0] != dim:
+                raise ValueError(f"the embedding has length {embedding.shape[0]}, the model's is {dim}")
+            if not isinstance(truncated, int) or entry["checksum"] != _checksum(key, embedding, truncated):
+                raise ValueError("checksum mismatch")
+            if not bool(torch.isfinite(embedding).all()):
+                raise ValueError("the embedding has NaN or infinite values")
         except Exception as exc:
             warnings.warn(
                 f"ignoring unreadable text-embedding cache file {str(path)!r} ({type(exc).__name__}: {exc}); "
                 "recomputing it",
                 UserWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
             return None
-        return cast(torch.Tensor, embedding)
+        return embedding, truncated
 
     def _write(self, path: Path, entry: dict[str, Any]) -> None:
-        tmp: str | None = None
+        buffer = io.BytesIO()
+        torch.save(entry, buffer)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(entry, handle)
-            os.replace(tmp, path)
-            tmp = None
-        except OSError as exc:
+            atomic_write(path, buffer.getvalue())
+        except OutputError as exc:
             if not self._disk_warned:
                 self._disk_warned = True
                 warnings.warn(
@@ -425,9 +498,6 @@ class EmbeddingCache:
                     UserWarning,
                     stacklevel=4,
                 )
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def query_embeddings(
@@ -439,8 +509,12 @@ def query_embeddings(
     cache: EmbeddingCache | None,
     templates: Sequence[str] = TEMPLATES,
     batch_size: int = 256,
+    dim: int | None = None,
 ) -> torch.Tensor:
     """Embeddings of every query of ``spec``, computed with :func:`encode_queries` or taken from ``cache``.
+
+    A cached entry that fails its checks (see :class:`EmbeddingCache`) is recomputed and overwritten. A
+    query that does not fit the text encoder's context is warned about whether or not it was cached.
 
     Args:
         model: an open_clip CLIP, or None when its text tower was released (every query must then be
@@ -452,20 +526,33 @@ def query_embeddings(
         cache: where to look up and store embeddings, or None to always compute.
         templates: prompt templates.
         batch_size: prompts per ``encode_text`` call.
+        dim: the embedding dimension D cached entries must have (default: read off ``model``'s text
+            projection; without a model, every cached entry must at least have the same length).
 
     Returns:
         (Q, D) float32 tensor on the model's device, rows of unit norm, in ``spec.queries`` order.
 
     Raises:
-        ValueError: ``model`` is None and some query is not in ``cache``.
+        ValueError: ``model`` is None and some query is not in ``cache`` (or cached entries disagree in
+            length).
     """
     unique = list(dict.fromkeys(spec.queries))
+    expected = dim if dim is not None else _text_dim(model)
     found: dict[str, torch.Tensor] = {}
+    truncated: dict[str, int] = {}
     if cache is not None:
         for query in unique:
-            hit = cache.get(fingerprint, query, templates)
+            hit = cache.lookup(fingerprint, query, templates, dim=expected)
             if hit is not None:
-                found[query] = hit
+                found[query] = hit[0]
+                if hit[1]:
+                    truncated[query] = hit[1]
+    lengths = {int(row.shape[0]) for row in found.values()}
+    if model is None and len(lengths) > 1:
+        raise ValueError(
+            f"the cached text embeddings have different lengths {sorted(lengths)} and the text tower was "
+            "released, so they cannot be recomputed: create a new segmenter"
+        )
     missing = [query for query in unique if query not in found]
     if missing and model is None:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -478,11 +565,13 @@ def query_embeddings(
     device = _model_device(model) if model is not None else torch.device("cpu")
     if missing:
         assert model is not None
-        computed = encode_queries(model, tokenizer, missing, templates, batch_size=batch_size)
+        computed, long = _encode(model, tokenizer, missing, templates, batch_size)
+        truncated.update(long)
         for query, row in zip(missing, computed, strict=True):
             found[query] = row
             if cache is not None:
-                cache.put(fingerprint, query, templates, row)
+                cache.put(fingerprint, query, templates, row, truncated=long.get(query, 0))
+    _warn_truncated(truncated, stacklevel=2)
     return torch.stack([found[query].to(device) for query in spec.queries])
 
 

@@ -1,12 +1,21 @@
-"""`resclip eval`: score a method on a benchmark (dataset-level mIoU, resumable, multi-GPU via torchrun)."""
+"""`resclip eval`: score a method on a benchmark (dataset-level mIoU, resumable, multi-GPU via torchrun).
+
+Exit codes: 0 ok; 2 bad input (including data without any labelled pixel, whose mIoU is undefined) or an
+output that cannot be written; 130 interrupted (progress is saved for the rerun). Never 0 with an mIoU
+that is not a number.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import uuid
+from pathlib import Path
 
 from ..datasets import get_dataset_spec, list_datasets, list_samples
 from ..evaluate import close_distributed, evaluate, init_distributed, write_results
+from ..fileio import atomic_write
 from ..metrics import format_table
 from ..presets import get_preset
 from .common import UserError, add_model_arguments, segmenter_from_args
@@ -77,6 +86,20 @@ def state_dir_for(args: argparse.Namespace, output: str | None) -> str | None:
     return None
 
 
+def check_writable(folder: str | Path, what: str) -> None:
+    """Fail before any work if ``folder`` (created if needed) cannot take a new file.
+
+    Raises:
+        UserError: naming the folder and the reason.
+    """
+    probe = Path(folder).expanduser() / f".resclip-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        atomic_write(probe, b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write the {what} in {str(probe.parent)!r}: {err}") from err
+
+
 def run(args: argparse.Namespace) -> int:
     spec = get_dataset_spec(args.dataset)
     check_run_args(args)
@@ -84,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         args.preset = spec.default_preset
     preset = get_preset(args.preset)
     list_samples(spec, args.root, args.limit)  # fail on missing data before loading a model
+    if args.output:  # fail on unwritable outputs before any work
+        check_writable(Path(args.output).expanduser().parent, "results")
+    if args.save_predictions:
+        check_writable(args.save_predictions, "predictions")
     if preset.dataset is not None and preset.dataset != spec.name:
         print(
             f"resclip: warning: preset {preset.name!r} holds the settings of {preset.dataset}, "
@@ -107,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
             save_every=args.save_every,
             progress=args.progress,
         )
+        if not math.isfinite(result.miou):  # evaluate() rejects this case; never report it as success
+            print(f"resclip: error: the mIoU of {spec.name} is not a number ({result.miou})", file=sys.stderr)
+            return 1
         if info.rank == 0:
             print(format_table(result.metrics, result.class_names))
             print(

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import io
 import itertools
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..datasets import get_dataset_spec, list_datasets, list_samples
-from ..evaluate import atomic_write_text, close_distributed, evaluate, init_distributed
+from ..evaluate import close_distributed, evaluate, init_distributed
+from ..fileio import atomic_write, atomic_write_text
 from .common import UserError, add_model_arguments, parse_overrides, segmenter_from_args
 from .eval_cmd import DATASET_DEFAULT, add_data_arguments, check_run_args, state_dir_for
 
@@ -126,11 +128,10 @@ def write_plot(keys: list[str], rows: list[dict[str, Any]], path: Path, title: s
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    atomic_write(path, buffer.getvalue())
     return True
 
 
