@@ -12,6 +12,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"
@@ -102,3 +103,51 @@ def tiny64(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
         torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first VOC fixtures shrunk to 96x80 (same layout, palette and values), for speed."""
+    root = tmp_path_factory.mktemp("small") / "VOCdevkit" / "VOC2012"
+    ids = (BENCH / "VOCdevkit" / "VOC2012" / "ImageSets/Segmentation/val.txt").read_text().split()[:3]
+    for sub, ext, how in (
+        ("JPEGImages", ".jpg", Image.Resampling.BILINEAR),
+        ("SegmentationClass", ".png", Image.Resampling.NEAREST),
+    ):
+        (root / sub).mkdir(parents=True)
+        for i in ids:
+            with Image.open(BENCH / "VOCdevkit" / "VOC2012" / sub / f"{i}{ext}") as img:
+                img.resize((96, 80), how).save(root / sub / f"{i}{ext}")
+    (root / "ImageSets/Segmentation").mkdir(parents=True)
+    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+# quick settings for the 4-block tiny model: RCS on its blocks 1-2, one window, no PAMR
+CLI_FAST = ["--device", "cpu", "--set", "rcs_layers=(1,2)", "--set", "short_side=128",
+            "--set", "slide_crop=0", "--set", "sfr_first_pass_pamr_steps=0"]
+DEMO_FAST = (
+    ("rcs_layers", (1, 2)), ("sfr_first_pass_pamr_steps", 0), ("short_side", 128), ("slide_crop", 0)
+)
+
+
+@pytest.fixture
+def text_cache_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """One text-embedding cache for the whole session, through ``$RESCLIP_CACHE``."""
+    cache = tmp_path_factory.getbasetemp() / "resclip-cache"
+    monkeypatch.setenv("RESCLIP_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def model(tiny_ckpt: Path) -> list[str]:
+    """Command-line options loading the tiny checkpoint with the quick settings."""
+    return ["--pretrained", str(tiny_ckpt), *CLI_FAST]
+
+
+@pytest.fixture
+def settings(tiny_ckpt: Path) -> object:
+    """Demo settings with the tiny checkpoint and the quick settings."""
+    from resclip import demo
+
+    return demo.DemoSettings(pretrained=str(tiny_ckpt), device="cpu", overrides=DEMO_FAST)

@@ -65,6 +65,7 @@ def test_plan_parsing_and_contention() -> None:
     assert fit is not None and abs(fit[0] - 1.0) < 1e-9 and abs(fit[1] - 2.0) < 1e-9
 
 
+@pytest.mark.slow
 def test_bench_predict_smoke(tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "predict.json"
     args = [
@@ -131,6 +132,7 @@ def test_bench_predict_smoke(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert tp["status"] == "ok" and _positive(tp["images_per_s"]) and _positive(tp["total_s"])
 
 
+@pytest.mark.slow
 def test_bench_memory_smoke(tiny_ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
     args = [

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-import resclip.evaluate as ev
+import resclip.eval.loop as ev
 from resclip.cli import main
-from resclip.commands.sweep import parse_layers
+from resclip.commands.sweep import parse_layer_range
 from resclip.paper_tables import NO_BG, TABLES, WITH_BG, get_table
 
 BENCH = Path(__file__).parent / "data" / "benchmarks"
@@ -32,24 +32,6 @@ def text_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RESCLIP_CACHE", str(cache))
         yield cache
-
-
-@pytest.fixture(scope="module")
-def small_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first VOC fixtures shrunk to 96x80 (same layout, palette and values), for speed."""
-    root = tmp_path_factory.mktemp("small") / "VOCdevkit" / "VOC2012"
-    ids = (VOC / "ImageSets/Segmentation/val.txt").read_text().split()[:3]
-    for sub, ext, how in (
-        ("JPEGImages", ".jpg", Image.Resampling.BILINEAR),
-        ("SegmentationClass", ".png", Image.Resampling.NEAREST),
-    ):
-        (root / sub).mkdir(parents=True)
-        for i in ids:
-            with Image.open(VOC / sub / f"{i}{ext}") as img:
-                img.resize((96, 80), how).save(root / sub / f"{i}{ext}")
-    (root / "ImageSets/Segmentation").mkdir(parents=True)
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
-    return root
 
 
 def _eval(ckpt: Path, *extra: str, root: Path = VOC) -> list[str]:
@@ -92,7 +74,7 @@ def test_eval_interrupted_then_resumed_matches_uninterrupted(
 ):
     args = ["--limit", "3", "--no-sfr", "--workers", "0"]
     assert main(_eval(tiny64, *args, "--output", str(tmp_path / "a" / "r.json"), root=small_voc)) == 0
-    real, calls = ev.predict_mask, {"n": 0}
+    real, calls = ev.segment_mask, {"n": 0}
 
     def flaky(*a: object) -> torch.Tensor:
         calls["n"] += 1
@@ -100,11 +82,11 @@ def test_eval_interrupted_then_resumed_matches_uninterrupted(
             raise KeyboardInterrupt
         return real(*a)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ev, "predict_mask", flaky)
+    monkeypatch.setattr(ev, "segment_mask", flaky)
     assert main(_eval(tiny64, *args, "--output", str(tmp_path / "b" / "r.json"), root=small_voc)) == 130
     assert "progress saved (1 new images)" in capsys.readouterr().err
     assert not (tmp_path / "b" / "r.json").exists()
-    monkeypatch.setattr(ev, "predict_mask", real)
+    monkeypatch.setattr(ev, "segment_mask", real)
     assert main(_eval(tiny64, *args, "--output", str(tmp_path / "b" / "r.json"), root=small_voc)) == 0
     assert "1 of 3 images done earlier, resuming" in capsys.readouterr().err
     a, b = _json(tmp_path / "a" / "r.json"), _json(tmp_path / "b" / "r.json")
@@ -142,6 +124,7 @@ def test_eval_user_errors(argv: list[str], message: str, capsys):
     assert err.startswith("resclip: error: ") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one(tiny64: Path, tmp_path: Path, text_cache: Path):
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
@@ -347,8 +330,9 @@ def test_sweep_user_errors(extra: list[str], message: str, tmp_path: Path, capsy
     assert message in capsys.readouterr().err
 
 
-def test_parse_layers():
-    assert parse_layers("6-9") == (6, 7, 8, 9) and parse_layers("2+4") == (2, 4) and parse_layers("5") == (5,)
+def test_parse_layer_range():
+    assert parse_layer_range("6-9") == (6, 7, 8, 9) and parse_layer_range("2+4") == (2, 4)
+    assert parse_layer_range("5") == (5,)
 
 
 def test_cli_help_lists_the_commands(capsys):

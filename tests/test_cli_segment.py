@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 import resclip
 import resclip.preprocess
+from conftest import CLI_FAST
 from resclip import viz
 from resclip.cli import main
 from resclip.palettes import voc_palette
@@ -25,19 +26,10 @@ BIRD = VOC / "crop_114.jpg"  # 513 x 513
 HOUSE = ADE / "ADE_val_00000001.jpg"  # 683 x 512
 TALL = COCO / "000000007977.jpg"  # 429 x 640
 CLASSES = "bird; water, lake; sky, clouds; background"
-# small, quick settings for the 4-block tiny model: RCS on its blocks 1-2, one window, no PAMR
-FAST = ["--device", "cpu", "--set", "rcs_layers=(1,2)", "--set", "short_side=128", "--set", "slide_crop=0",
-        "--set", "sfr_first_pass_pamr_steps=0"]
+FAST = CLI_FAST
 
 
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path_factory.getbasetemp() / "resclip-cache"))
-
-
-@pytest.fixture
-def model(tiny_ckpt: Path) -> list[str]:
-    return ["--pretrained", str(tiny_ckpt), *FAST]
+pytestmark = pytest.mark.usefixtures("text_cache_env")
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -263,14 +255,12 @@ def test_segment_decompression_bomb(tmp_path, capsys, model, monkeypatch):
 @pytest.mark.parametrize(
     ("classes", "fragments"),
     [
-        ("", ["no class names"]),
+        ("", ["classes is empty"]),
         ("  ; cat", ["class 1 is empty"]),
         ("cat;;sofa", ["class 2 is empty"]),
         ("cat; sofa, , couch", ["class 2", "empty synonym"]),
-        ("cat; sofa; Cat", ["class 3", "'Cat'", "repeats --classes class 1"]),
-        ("cat; " + "very " * 80 + "long dog", ["too long", "tokens"]),
     ],
-    ids=["empty", "blank", "empty-class", "empty-synonym", "duplicate", "over-long"],
+    ids=["empty", "blank", "empty-class", "empty-synonym"],
 )
 def test_segment_bad_class_names(tmp_path, capsys, model, classes, fragments):
     rc, _, err = cli(capsys, "segment", BIRD, "--classes", classes, "--out", tmp_path / "o", *model)
@@ -295,10 +285,10 @@ def test_segment_class_file(tmp_path, capsys, model):
                      *model)
     one_error(rc, err, "class file not found", "none.txt")
 
-    dup = tmp_path / "dup.txt"
-    dup.write_text("bird\nwater\nbird\n")
-    rc, _, err = cli(capsys, "segment", BIRD, "--class-file", dup, "--out", tmp_path / "q", *model)
-    one_error(rc, err, "line 3", "repeats", "line 1")
+    empty = tmp_path / "empty-line.txt"
+    empty.write_text("bird\n\nwater\n")
+    rc, _, err = cli(capsys, "segment", BIRD, "--class-file", empty, "--out", tmp_path / "q", *model)
+    one_error(rc, err, f"class file {str(empty)!r} line 2 is empty")
 
 
 def test_segment_missing_checkpoint(tmp_path, capsys):

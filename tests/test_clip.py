@@ -25,8 +25,8 @@ from resclip.clip import (
 
 DATA = Path(__file__).parent / "data" / "golden"
 GOLDEN_CKPT = DATA / "tiny_clip_b16_fp16.pt"
-TINY = "resclip-test-tiny"  # QuickGELU, vision heads of width 32 (not inferable as width // 64)
-TINY_GELU = "resclip-test-tiny-gelu"
+TINY = "resclip-test-clip-tiny"  # QuickGELU, vision heads of width 32 (not inferable as width // 64)
+TINY_GELU = "resclip-test-clip-tiny-gelu"
 TINY_CFG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
@@ -255,7 +255,7 @@ def test_golden_checkpoint_fp16_values(tmp_path: Path) -> None:
 
 def test_architecture_mismatch(tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match=r"tiny_clip_b16_fp16\.pt.*model='resclip-test-tiny'.*another architecture"
+        ValueError, match=r"tiny_clip_b16_fp16\.pt.*model='resclip-test-clip-tiny'.*another architecture"
     ):
         load_clip(TINY, pretrained=str(GOLDEN_CKPT))
 
@@ -358,6 +358,6 @@ def test_tag_activation_follows_the_tag_table(tiny: LoadedClip, fake_tags: Calla
 def test_download_errors_become_runtime_errors(fake_tags: Callable[..., None]) -> None:
     fake_tags(ConnectionError("no route to host"))
     with pytest.raises(
-        RuntimeError, match=r"no route to host.*pretrained='/path/to/resclip-test-tiny-gelu\.pt'"
+        RuntimeError, match=r"no route to host.*pretrained='/path/to/resclip-test-clip-tiny-gelu\.pt'"
     ):
         load_clip(TINY_GELU, pretrained="laion")

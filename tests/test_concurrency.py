@@ -148,6 +148,7 @@ def test_a_new_cache_given_to_create_segmenter_is_used(tiny_ckpt, tmp_path):
     assert seg.text_cache is cache
 
 
+@pytest.mark.slow
 def test_text_cache_shared_by_threads(tiny_ckpt, tmp_path, recwarn):
     directory = tmp_path / "text"
     cache = EmbeddingCache(directory)
@@ -172,6 +173,7 @@ def test_text_cache_shared_by_threads(tiny_ckpt, tmp_path, recwarn):
     assert not _cache_warnings(recwarn)
 
 
+@pytest.mark.slow
 def test_two_caches_on_one_directory_with_evictions(tiny_ckpt, tmp_path, recwarn):
     """Two caches (as two processes would) that keep one entry in memory: constant disk traffic."""
     directory = tmp_path / "shared"

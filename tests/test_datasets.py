@@ -21,9 +21,9 @@ from resclip.datasets import (
     read_label,
     reduce_zero_label,
     save_prediction,
-    voc_palette,
 )
-from resclip.evaluate import class_lines
+from resclip.eval import benchmark_class_lines
+from resclip.palettes import voc_palette
 
 BENCH = Path(__file__).parent / "data" / "benchmarks"
 VOC = BENCH / "VOCdevkit" / "VOC2012"
@@ -48,7 +48,7 @@ def test_eight_datasets_with_class_files():
         "ade20k",
     ]
     for name, spec in DATASETS.items():
-        lines, _ = class_lines(spec)
+        lines, _ = benchmark_class_lines(spec)
         assert len(lines) == spec.num_classes, name
         assert spec.default_preset == name
     assert [s.name for s in DATASETS.values() if s.reduce_zero_label] == ["voc20", "context59", "ade20k"]
@@ -248,7 +248,7 @@ def test_context_layout(tmp_path: Path):
 
 # ---------------------------------------------------------------------------------------------- predictions
 def test_voc_palette_is_the_standard_one():
-    palette = voc_palette()
+    palette = voc_palette().ravel().tolist()
     assert palette[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
     with Image.open(VOC / "SegmentationClass" / "crop_000.png") as img:
         assert img.getpalette() == palette

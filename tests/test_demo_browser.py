@@ -68,6 +68,7 @@ def server(golden_ckpt_b16: Path, tmp_path: Path):
         log.close()
 
 
+@pytest.mark.slow
 def test_demo_page_segments_an_uploaded_photo(server: str, tmp_path: Path):
     sync_api = pytest.importorskip("playwright.sync_api",
                                    reason="Playwright is not installed (pip install playwright)")

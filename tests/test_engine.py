@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from resclip.engine import DenseEngine
+from parity import assert_parity
+from resclip.engine import DenseEngine, WindowTrace
 from resclip.methods import get_method
 from resclip.presets import official_sfr
 from resclip.rcs import RCSConfig
@@ -41,44 +42,38 @@ def test_window_parity(golden, golden_models, window, base, suffix):
     x = torch.from_numpy(golden[WINDOWS[window][1]])
     text = torch.from_numpy(golden["classifier__voclike"])
     q2c = torch.from_numpy(golden["text__voclike__query_idx"])
-    aux: dict = {}
-    logits = eng.window_logits(x, text, q2c, aux)
+    trace = WindowTrace()
+    logits = eng.window_logits(x, text, q2c, trace)
     key = _key(window, base, suffix)
-    np.testing.assert_allclose(aux["tokens"][0].numpy(), golden[f"{key}__tokens"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(logits[0].numpy(), golden[f"{key}__patch_logits"], atol=1e-5, rtol=0)
+    assert_parity(trace.tokens[0].numpy(), golden[f"{key}__tokens"], atol=1e-4)
+    assert_parity(logits[0].numpy(), golden[f"{key}__patch_logits"], atol=1e-5)
     if "sfr" in suffix or "resclip" in suffix or suffix == "default":
-        np.testing.assert_allclose(
-            aux["sfr_first_pass_patch_logits"][0].numpy(),
-            golden[f"{key}__sfr_first_pass_patch_logits"],
-            atol=1e-5,
-            rtol=0,
-        )
-        np.testing.assert_array_equal(aux["sfr_label_map"][0].numpy(), golden[f"{key}__sfr_label_map"])
+        sfr = trace.sfr
+        assert_parity(
+            sfr.patch_logits[0].numpy(), golden[f"{key}__sfr_first_pass_patch_logits"], atol=1e-5)
+        np.testing.assert_array_equal(sfr.label_map[0].numpy(), golden[f"{key}__sfr_label_map"])
         if f"{key}__sfr_valid_path" in golden:
-            np.testing.assert_array_equal(
-                aux["sfr_valid_path"][0].numpy(), golden[f"{key}__sfr_valid_path"] == 1
-            )
-            np.testing.assert_allclose(
-                aux["sfr_matrix_prenorm"][0].numpy(), golden[f"{key}__sfr_matrix_prenorm"], atol=1e-5, rtol=0
-            )
-            pix = aux["sfr_pixel_labels"][0].numpy()
+            np.testing.assert_array_equal(sfr.valid_path[0].numpy(), golden[f"{key}__sfr_valid_path"] == 1)
+            assert_parity(
+                sfr.prenorm[0].numpy(), golden[f"{key}__sfr_matrix_prenorm"], atol=1e-5)
+            pix = sfr.pixel_labels[0].numpy()
             # a pixel whose top-2 probabilities tie within float noise may flip; the patch modes may not
             assert (pix != golden[f"{key}__sfr_pixel_labels"]).sum() <= 2
 
 
 def test_pre_last_block_and_attention_maps(golden, golden_models):
     eng = _engine(golden_models, "W0", "naclip", "_resclip")
-    aux: dict = {}
+    trace = WindowTrace()
     eng.window_logits(
         torch.from_numpy(golden["W0__input_nchw"]),
         torch.from_numpy(golden["classifier__voclike"]),
         torch.from_numpy(golden["text__voclike__query_idx"]),
-        aux,
+        trace,
     )
-    np.testing.assert_allclose(aux["pre_last_block_x"][0].numpy(), golden["W0__pre_last_block_x"], atol=1e-4)
-    for name in ("rcs_attn", "first_pass_attn", "final_attn"):
-        want = golden[f"W0__naclip_resclip__{name.replace('rcs_attn', 'rcs_attn_avg')}"]
-        np.testing.assert_allclose(aux[name][0].numpy(), want, atol=1e-5, rtol=0)
+    assert_parity(trace.pre_last_block_x[0].numpy(), golden["W0__pre_last_block_x"], atol=1e-4)
+    maps = {"rcs_attn_avg": trace.rcs_attn, "first_pass_attn": trace.sfr.attn, "final_attn": trace.attn}
+    for name, got in maps.items():
+        assert_parity(got[0].numpy(), golden[f"W0__naclip_resclip__{name}"], atol=1e-5)
 
 
 def test_first_pass_probs_after_pamr(golden, golden_models):
@@ -86,35 +81,33 @@ def test_first_pass_probs_after_pamr(golden, golden_models):
     from resclip.pamr import pamr
 
     eng = _engine(golden_models, "W0", "naclip", "_resclip")
-    aux: dict = {}
+    trace = WindowTrace()
     x = torch.from_numpy(golden["W0__input_nchw"])
     eng.window_logits(
         x,
         torch.from_numpy(golden["classifier__voclike"]),
         torch.from_numpy(golden["text__voclike__query_idx"]),
-        aux,
+        trace,
     )
-    up = torch.nn.functional.interpolate(aux["sfr_first_pass_patch_logits"], size=(224, 224), mode="bilinear")
+    up = torch.nn.functional.interpolate(trace.sfr.patch_logits, size=(224, 224), mode="bilinear")
     probs = torch.softmax(40 * pamr(x, up, 10, (8, 16)), dim=1)[0].flatten(1)
     idx = torch.from_numpy(golden["W0__naclip_resclip__sfr_first_pass_probs_idx"])
-    np.testing.assert_allclose(
-        probs[:, idx].numpy(), golden["W0__naclip_resclip__sfr_first_pass_probs_samples"], atol=1e-5, rtol=0
-    )
+    assert_parity(
+        probs[:, idx].numpy(), golden["W0__naclip_resclip__sfr_first_pass_probs_samples"], atol=1e-5)
 
 
 @pytest.mark.parametrize(("base", "suffix"), [("naclip", "_resclip"), ("sclip", "_rcs"), ("clearclip", "")])
 def test_fused_trunk_stays_within_token_tolerance(golden, golden_models, base, suffix):
     eng = _engine(golden_models, "W0", base, suffix, trunk="fused")
-    aux: dict = {}
+    trace = WindowTrace()
     eng.window_logits(
         torch.from_numpy(golden["W0__input_nchw"]),
         torch.from_numpy(golden["classifier__voclike"]),
         torch.from_numpy(golden["text__voclike__query_idx"]),
-        aux,
+        trace,
     )
-    np.testing.assert_allclose(
-        aux["tokens"][0].numpy(), golden[f"W0__{base}{suffix}__tokens"], atol=1e-4, rtol=0
-    )
+    want = golden[f"W0__{base}{suffix}__tokens"]
+    assert_parity(trace.tokens[0].numpy(), want, atol=1e-4)
 
 
 BASELINE_REPOS = [
@@ -132,27 +125,27 @@ BASELINE_REPOS = [
 def test_baseline_repositories(golden, golden_models, window, repo, variant, method):
     """Our base methods reproduce each baseline repository's own code (tokens, logits)."""
     eng = DenseEngine(golden_models[WINDOWS[window][0]].visual, get_method(method), trunk_attention="fused")
-    aux: dict = {}
+    trace = WindowTrace()
     logits = eng.window_logits(
         torch.from_numpy(golden[WINDOWS[window][1]]),
         torch.from_numpy(golden["classifier__voclike"]),
         torch.from_numpy(golden["text__voclike__query_idx"]),
-        aux,
+        trace,
     )
     key = f"{repo}__{window}__{variant}"
-    tokens = aux["tokens"][0]
+    tokens = trace.tokens[0]
     if repo == "clearclip":  # that repository returns patch tokens only
         tokens = tokens[1:]
-    np.testing.assert_allclose(tokens.numpy(), golden[f"{key}__tokens"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(logits[0].numpy(), golden[f"{key}__patch_logits"], atol=1e-5, rtol=0)
+    assert_parity(tokens.numpy(), golden[f"{key}__tokens"], atol=1e-4)
+    assert_parity(logits[0].numpy(), golden[f"{key}__patch_logits"], atol=1e-5)
 
 
 @pytest.mark.parametrize("window", list(WINDOWS))
 def test_clearclip_released_base_config(golden, golden_models, window):
     """ClearCLIP's base config: vanilla q-k attention with the residual dropped."""
-    from resclip.methods.clip import ClipAttention
+    from resclip.methods import BaseAttention
 
-    method = ClipAttention("clip-noresidual", keep_residual=False)
+    method = BaseAttention("clip-noresidual", keep_residual=False, pairs=("qk",))
     eng = DenseEngine(golden_models[WINDOWS[window][0]].visual, method)
     logits = eng.window_logits(
         torch.from_numpy(golden[WINDOWS[window][1]]),
@@ -160,4 +153,4 @@ def test_clearclip_released_base_config(golden, golden_models, window):
         torch.from_numpy(golden["text__voclike__query_idx"]),
     )
     want = golden[f"clearclip__{window}__released_base_config__patch_logits"]
-    np.testing.assert_allclose(logits[0].numpy(), want, atol=1e-5, rtol=0)
+    assert_parity(logits[0].numpy(), want, atol=1e-5)

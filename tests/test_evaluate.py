@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import resclip
-import resclip.evaluate as ev
+import resclip.eval.loop as ev
 from resclip.datasets import get_dataset_spec, list_samples, load_pair, read_label
-from resclip.evaluate import ProgressStore, class_lines, evaluate, write_results
+from resclip.eval import ProgressStore, benchmark_class_lines, default_state_dir, evaluate, write_results
 from resclip.metrics import ConfusionMatrix
 
 BENCH = Path(__file__).parent / "data" / "benchmarks"
@@ -67,7 +67,7 @@ def test_matrix_is_the_sum_over_images(tiny64: Path, tmp_path: Path):
     )
     assert seg.text_tower_released  # the reference below gets the classes from the text cache
     spec = get_dataset_spec("voc21")
-    lines, _ = class_lines(spec)
+    lines, _ = benchmark_class_lines(spec)
     ref = ConfusionMatrix(21)
     for s in list_samples(spec, VOC, limit=2):
         rgb, gt = load_pair(s, spec)
@@ -83,7 +83,7 @@ def test_resume_after_interrupt_gives_identical_result(tiny64: Path, small, tmp_
     seg = _seg(tiny64, preset="ade20k")
     full = evaluate(seg, "ade20k", small["ade"], workers=0, state_dir=tmp_path / "a", progress=False)
     calls = {"n": 0}
-    real = ev.predict_mask
+    real = ev.segment_mask
 
     def flaky(*args: object) -> torch.Tensor:
         calls["n"] += 1
@@ -91,13 +91,13 @@ def test_resume_after_interrupt_gives_identical_result(tiny64: Path, small, tmp_
             raise KeyboardInterrupt
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ev, "predict_mask", flaky)
+    monkeypatch.setattr(ev, "segment_mask", flaky)
     with pytest.raises(KeyboardInterrupt):
         evaluate(
             seg, "ade20k", small["ade"], workers=0, state_dir=tmp_path / "b", progress=False, save_every=100
         )
     assert len(list((tmp_path / "b").glob("*.part-*.npz"))) == 1  # saved on the way out
-    monkeypatch.setattr(ev, "predict_mask", real)
+    monkeypatch.setattr(ev, "segment_mask", real)
     resumed = evaluate(seg, "ade20k", small["ade"], workers=0, state_dir=tmp_path / "b", progress=False)
     assert resumed.reused_images == 2 and resumed.num_images == 3
     np.testing.assert_array_equal(resumed.confusion, full.confusion)
@@ -119,7 +119,7 @@ def test_limit_then_larger_reuses_done_images(tiny64: Path, small, tmp_path: Pat
 
 
 def test_different_protocol_does_not_reuse_state(tiny64: Path, small, tmp_path: Path, capsys):
-    def run(seg: resclip.Segmenter, **kw: object) -> ev.EvalResult:
+    def run(seg: resclip.Segmenter, **kw: object) -> resclip.eval.EvalResult:
         return evaluate(
             seg, "voc21", small["voc"], limit=2, workers=0, state_dir=tmp_path, progress=False, **kw
         )
@@ -159,7 +159,7 @@ def test_saved_predictions_reproduce_the_metric(
     seg = _seg(tiny64, preset=name)
     out = tmp_path / "pred"
 
-    def run() -> ev.EvalResult:
+    def run() -> resclip.eval.EvalResult:
         return evaluate(
             seg,
             name,
@@ -208,8 +208,8 @@ def test_class_file_must_match_class_count(tiny64: Path, tmp_path: Path):
 
 def test_default_state_dir(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path))
-    assert ev.default_state_dir() == tmp_path / "eval"
+    assert default_state_dir() == tmp_path / "eval"
     monkeypatch.delenv("RESCLIP_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert ev.default_state_dir() == tmp_path / "x" / "resclip" / "eval"
-    assert os.fspath(ev.default_state_dir()).endswith("eval")
+    assert default_state_dir() == tmp_path / "x" / "resclip" / "eval"
+    assert os.fspath(default_state_dir()).endswith("eval")

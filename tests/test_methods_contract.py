@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import resclip
-from resclip.engine import DenseEngine
+from resclip.engine import DenseEngine, WindowTrace
 from resclip.methods import get_method
 from resclip.rcs import RCSConfig
-from resclip.sfr import SFRConfig
+from resclip.sfr import RefinementTrace, SFRConfig
 from resclip.vit import encode_trunk, run_block
 
 CLASSES = ["sky, wall", "cat", "person, man, woman", "tree"]
@@ -37,11 +37,13 @@ def _seg(ckpt, method, rcs, sfr, **kw):
 
 
 COMBOS = list(itertools.product(resclip.list_methods(), [False, True], [False, True]))
+# SFR edits attention scores: methods without them (identity attention) reject it
+SCORED = [m for m in resclip.list_methods() if get_method(m).has_scores]
 
 
 @pytest.mark.parametrize(("method", "rcs", "sfr"), COMBOS)
 def test_contract(tiny_ckpt, image, method, rcs, sfr):
-    if method == "maskclip" and sfr:
+    if sfr and method not in SCORED:
         with pytest.raises(ValueError, match="identity attention"):
             _seg(tiny_ckpt, method, rcs, sfr)
         return
@@ -57,10 +59,8 @@ def test_contract(tiny_ckpt, image, method, rcs, sfr):
     assert np.array_equal(res.mask, again.mask) and np.array_equal(res.probs, again.probs)
 
 
-# maskclip + SFR is rejected (it has no attention scores); test_contract checks the message
-MODULE_CASES = [
-    (m, mod) for m in resclip.list_methods() for mod in ("rcs", "sfr") if (m, mod) != ("maskclip", "sfr")
-]
+# SFR on a method without scores is rejected; test_contract checks the message
+MODULE_CASES = [(m, "rcs") for m in resclip.list_methods()] + [(m, "sfr") for m in SCORED]
 
 
 @pytest.mark.parametrize(("method", "module"), MODULE_CASES)
@@ -73,8 +73,8 @@ def test_each_module_really_changes_the_output(tiny_ckpt, image, method, module)
 def _engine_logits(model_visual, method, rcs=None, sfr=None, x=None, text=None):
     eng = DenseEngine(model_visual, get_method(method), rcs, sfr)
     q2c = torch.tensor([0, 0, 1, 2, 2, 2, 3])
-    aux: dict = {}
-    return eng.window_logits(x, text, q2c, aux), aux
+    trace = WindowTrace()
+    return eng.window_logits(x, text, q2c, trace), trace
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def window_inputs():
     return torch.randn(2, 3, 64, 80), torch.nn.functional.normalize(torch.randn(7, 32), dim=-1)
 
 
-@pytest.mark.parametrize("method", ["clip", "sclip", "clearclip", "naclip", "maskclip"])
+@pytest.mark.parametrize("method", resclip.list_methods())
 def test_rcs_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, method):
     x, text = window_inputs
     base, _ = _engine_logits(tiny_visual, method, x=x, text=text)
@@ -102,7 +102,7 @@ def test_rcs_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, met
     assert torch.equal(base, zero)
 
 
-@pytest.mark.parametrize("method", ["clip", "sclip", "clearclip", "naclip"])
+@pytest.mark.parametrize("method", SCORED)
 @pytest.mark.parametrize("official", [False, True])
 def test_sfr_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, method, official):
     x, text = window_inputs
@@ -121,7 +121,7 @@ def test_sfr_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, met
 
 def test_rcs_layer_range_is_honoured(tiny_visual, window_inputs):
     x, text = window_inputs
-    _, aux = _engine_logits(
+    _, trace = _engine_logits(
         tiny_visual, "naclip", rcs=RCSConfig(lam=0.5, tau=1.0, layers=(1, 3)), x=x, text=text
     )
     # recompute the q-k attention of blocks 1 and 3 (1-based) by hand and average
@@ -133,7 +133,7 @@ def test_rcs_layer_range_is_honoured(tiny_visual, window_inputs):
     for block in tiny_visual.transformer.resblocks[:-1]:
         y, attn = run_block(block, y, keep_attn=True)
         maps.append(attn)
-    torch.testing.assert_close(aux["rcs_attn"], (maps[0] + maps[2]) / 2)
+    torch.testing.assert_close(trace.rcs_attn, (maps[0] + maps[2]) / 2)
     torch.testing.assert_close(trunk.x, y)
     other, _ = _engine_logits(
         tiny_visual, "naclip", rcs=RCSConfig(lam=0.5, tau=1.0, layers=(2, 3)), x=x, text=text
@@ -155,9 +155,9 @@ def test_sfr_with_one_label_everywhere_has_no_decay(tiny_visual, window_inputs):
 
     labels = torch.zeros(1, 4, 5, dtype=torch.long)
     for path in ("line", "connected"):
-        aux: dict = {}
-        out = refinement_scores(labels, SFRConfig(path=path), aux)
-        assert aux["sfr_valid_path"].all()
+        trace = RefinementTrace()
+        out = refinement_scores(labels, SFRConfig(path=path), trace)
+        assert trace.valid_path is not None and trace.valid_path.all()
         torch.testing.assert_close(out[0, 1:, 1:], smooth_rows(torch.ones(1, 20, 20), 5.0)[0])
 
 
@@ -174,3 +174,25 @@ def test_low_precision_on_cpu_is_finite_and_close(tiny_ckpt, image, precision):
     ).predict(image, CLASSES)
     assert np.isfinite(low.probs).all()
     assert np.abs(low.probs - ref.probs).mean() < 0.05
+
+
+@pytest.mark.parametrize("method", resclip.list_methods())
+def test_registry_entry_is_consistent(method):
+    """Each registered method answers to its own name, and ``has_scores`` says whether it has score terms."""
+    base = get_method(method)
+    assert base.name == method and get_method(f" {method.upper()} ") is base and base.description
+    q = torch.randn(1, 2, 5, 8)
+    terms = base.score_terms(q, q)
+    assert base.has_scores == bool(terms)
+    assert all(t.shape == (1, 2, 5, 5) and t.dtype == torch.float32 for t in terms)
+
+
+def test_registering_a_name_twice_is_refused():
+    from resclip.methods import BaseAttention, register_method
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_method(BaseAttention("clip", keep_residual=True, pairs=("qk",)))
+    with pytest.raises(ValueError, match="lower case"):
+        register_method(BaseAttention("My Method", keep_residual=True))
+    with pytest.raises(ValueError, match="score pairs"):
+        BaseAttention("odd", keep_residual=True, pairs=("qv",))

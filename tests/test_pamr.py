@@ -91,5 +91,45 @@ def test_the_shifted_form_used_off_cpu_gives_the_same_refinement(monkeypatch):
     mask = torch.randn(2, 20, 40, 50, generator=gen)
     want = pamr(image, mask, 3, (2, 5))
     monkeypatch.setattr(pamr_mod, "_propagate_sparse", pamr_mod._propagate_shifted)
-    torch.testing.assert_close(pamr(image, mask, 3, (2, 5)), want, atol=1e-6, rtol=0)
+    # float rounding only: values up to ~4 in magnitude, so relative as well as absolute 1e-6
+    torch.testing.assert_close(pamr(image, mask, 3, (2, 5)), want, atol=1e-6, rtol=1e-6)
     assert pamr(image, mask, 0) is mask
+
+
+def test_plain_step_is_what_both_fast_forms_compute():
+    """``pamr_step`` is the reference: the off-CPU form repeats it exactly; the sparse CPU form sums the
+    same products in the same order, equal to float rounding (1e-6)."""
+    from resclip.pamr import _propagate_shifted, _propagate_sparse, pamr_step
+
+    gen = torch.Generator().manual_seed(4)
+    for (h, w), dil in [((17, 29), (1, 3)), ((30, 21), (8, 16)), ((9, 9), (2,))]:
+        image = torch.rand(1, 3, h, w, generator=gen)
+        mask = torch.randn(6, h, w, generator=gen)
+        aff = pamr_affinity(image, dil)[0]
+        want = mask
+        for _ in range(3):
+            want = pamr_step(aff, want, dil)
+        shifted, sparse = torch.empty_like(mask), torch.empty_like(mask)
+        _propagate_shifted(aff, mask, 3, dil, shifted)
+        _propagate_sparse(aff, mask, 3, dil, sparse)
+        assert torch.equal(shifted, want)
+        torch.testing.assert_close(sparse, want, atol=1e-6, rtol=1e-6)
+
+
+def test_no_warning_filter_is_installed_and_no_notice_escapes():
+    """The sparse form silences torch's one-time "beta" notice where it builds the matrix, leaving the
+    process-wide warning filters as they were."""
+    import subprocess
+    import sys
+    import warnings
+
+    before = list(warnings.filters)
+    pamr(torch.rand(1, 3, 12, 12), torch.rand(1, 2, 12, 12), 2, (1, 2))
+    assert warnings.filters == before
+    code = (
+        "import torch\nfrom resclip.pamr import pamr\n"
+        "pamr(torch.rand(1, 3, 9, 9), torch.rand(1, 2, 9, 9), 1)"
+    )
+    cmd = [sys.executable, "-W", "error::UserWarning", "-c", code]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr

@@ -67,7 +67,7 @@ def test_paper_presets_and_fidelity_switch():
 
 def test_list_and_unknown():
     names = list_presets()
-    assert "default" in names and "voc21" in names and "clearclip/ade20k" in names and len(names) == 8 * 6 + 1
+    assert "default" in names and "voc21" in names and "clearclip/ade20k" in names and len(names) == 8 * 8 + 1
     with pytest.raises(ValueError, match="unknown preset 'voc22'; valid: 'default', a dataset"):
         get_preset("voc22")
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import resclip
+from parity import assert_parity
+from resclip.engine import WindowTrace
 from resclip.preprocess import resize_image, window_coords
 
 CLASS_LINES = {
@@ -84,25 +86,19 @@ def test_full_image_parity(golden, golden_ckpt_b16, prefix, method, modules, pre
     assert res.class_names[0] == CLASS_LINES[cls][0].split(", ")[0]
     if f"{prefix}__slide_logits_samples" in golden:
         idx = golden[f"{prefix}__slide_logits_idx"]
-        np.testing.assert_allclose(
+        assert_parity(
             res.logits.reshape(res.logits.shape[0], -1)[:, idx],
-            golden[f"{prefix}__slide_logits_samples"],
-            atol=1e-5,
-            rtol=0,
-        )
+            golden[f"{prefix}__slide_logits_samples"], atol=1e-5)
     fidx = golden[f"{prefix}__final_idx"]
     want = golden[f"{prefix}__probs_samples"]
     want = want / want.sum(axis=0, keepdims=True)  # SCLIP/ClearCLIP store them un-renormalised
     got = res.probs.reshape(res.probs.shape[0], -1)[:, fidx]
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert_parity(got, want, atol=1e-5)
 
     full = res.full.logits_full()
-    np.testing.assert_allclose(
+    assert_parity(
         full.reshape(full.shape[0], -1)[:, fidx],
-        golden[f"{prefix}__final_logits_samples"],
-        atol=1e-5,
-        rtol=0,
-    )
+        golden[f"{prefix}__final_logits_samples"], atol=1e-5)
     stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
     stable[golden[f"{prefix}__pred_unstable_idx"]] = False
     np.testing.assert_array_equal(res.mask.reshape(-1)[stable], golden[f"{prefix}__pred"].reshape(-1)[stable])
@@ -124,15 +120,15 @@ def test_every_window(golden, golden_ckpt_b16, prefix, method, modules, preset, 
     spec, text = seg.encode_classes(CLASS_LINES[cls], golden[f"classifier__{cls}"])
     q2c = torch.tensor(spec.query_to_class)
     crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes])
-    aux: dict = {}
-    logits = seg.engine.window_logits(crops, text, q2c, aux)
+    trace = WindowTrace()
+    logits = seg.engine.window_logits(crops, text, q2c, trace)
     for k in range(len(boxes)):
-        np.testing.assert_allclose(
-            logits[k].numpy(), golden[f"{prefix}__win{k}__patch_logits"], atol=1e-5, rtol=0
-        )
+        assert_parity(
+            logits[k].numpy(), golden[f"{prefix}__win{k}__patch_logits"], atol=1e-5)
         if modules:
+            assert trace.sfr is not None
             np.testing.assert_array_equal(
-                aux["sfr_label_map"][k].numpy(), golden[f"{prefix}__win{k}__sfr_label_map"]
+                trace.sfr.label_map[k].numpy(), golden[f"{prefix}__win{k}__sfr_label_map"]
             )
 
 
@@ -148,9 +144,8 @@ def test_each_repository_builds_the_same_text_classifier(golden, golden_ckpt_b16
     """The three baseline repositories' own text classifiers equal ours (templates, tokenizer, encoder)."""
     seg = resclip.create_segmenter(pretrained=str(golden_ckpt_b16), text_cache=False)
     _, emb = seg.encode_classes(CLASS_LINES["voclike"])
-    np.testing.assert_allclose(
-        emb.numpy(), golden[f"{repo}__text__voclike__class_embeddings"], atol=1e-5, rtol=0
-    )
+    assert_parity(
+        emb.numpy(), golden[f"{repo}__text__voclike__class_embeddings"], atol=1e-5)
 
 
 def test_release_text_tower_keeps_cached_classes_and_names_the_fix(tiny64):

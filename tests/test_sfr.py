@@ -7,17 +7,18 @@ import math
 import pytest
 import torch
 
+from resclip.protocol import class_max
 from resclip.sfr import (
+    RefinementTrace,
     SFRConfig,
-    _line_table,
-    class_max,
-    connected_components,
     patch_mode,
     refinement_scores,
+    refinement_scores_reference,
     sfr_mix,
     smooth_rows,
-    valid_path_line,
+    valid_paths_reference,
 )
+from resclip.sfr_paths import _line_table, connected_components, valid_path_line
 
 
 def test_line_samples_match_the_documented_example():
@@ -93,10 +94,10 @@ def test_distance_decay_hand_case():
     # 1x3 grid, labels a b a: pair (0 -> 2) has the same label but patch 1 breaks the path
     labels = torch.tensor([[[0, 1, 0]]])
     cfg = SFRConfig(path="line", smoothing_std=1e-3, normalise=False)  # kernel of one tap = identity
-    aux: dict = {}
-    out = refinement_scores(labels, cfg, aux)[0, 1:, 1:]
+    trace = RefinementTrace()
+    out = refinement_scores(labels, cfg, trace)[0, 1:, 1:]
     # samples use t = (0, 0.5, 1) with half-to-even rounding: 0 -> 1 checks patches 0, 0 (round(0.5) = 0)
-    assert aux["sfr_valid_path"][0].tolist() == [
+    assert trace.valid_path[0].tolist() == [
         [True, True, False],
         [False, True, False],
         [False, True, True],
@@ -148,3 +149,39 @@ def test_line_path_matches_a_pair_by_pair_check():
                 c = int(torch.round(ci * (1 - t[k]) + cj * t[k]))
                 want &= bool(labels[0, r, c] == labels[0, ri, ci])
             assert bool(valid[i, j]) == want, (i, j)
+
+
+def _label_maps() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    blobs = torch.zeros(1, 6, 7, dtype=torch.long)
+    blobs[0, 1:4, 1:3] = 1
+    blobs[0, 4:, 4:] = 1  # a second region with label 1, not connected to the first
+    blobs[0, 0, 5] = 2
+    return [
+        torch.randint(0, 3, (2, 5, 8), generator=gen),  # two windows, noisy labels
+        blobs,
+        torch.zeros(1, 1, 6, dtype=torch.long),  # one row
+        torch.tensor([[[0, 1, 0], [1, 0, 1], [0, 1, 0]]]),  # diagonal neighbours only
+        torch.zeros(1, 1, 1, dtype=torch.long),  # one patch: Mx = 0
+    ]
+
+
+@pytest.mark.parametrize("path", ["line", "connected"])
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize(("normalise", "decay"), [(False, True), (True, True), (True, False)])
+def test_fast_form_equals_the_plain_equations(path, connectivity, normalise, decay):
+    """refinement_scores (all rows at once, cached tables) against refinement_scores_reference (Eq. 7-11
+    row by row in float64): V exactly; Ŝ to 1e-6, the float32 rounding of the fast form's exp and
+    31-tap sums."""
+    cfg = SFRConfig(path=path, connectivity=connectivity, normalise=normalise, distance_decay=decay)
+    for labels in _label_maps():
+        trace = RefinementTrace()
+        fast = refinement_scores(labels, cfg, trace)
+        want = refinement_scores_reference(labels, cfg)
+        torch.testing.assert_close(fast.double(), want, atol=1e-6, rtol=0)
+        if decay:
+            for b in range(labels.shape[0]):
+                for i in range(labels.shape[1] * labels.shape[2]):
+                    assert trace.valid_path[b, i].tolist() == [
+                        v == 1.0 for v in valid_paths_reference(labels[b], i, cfg)
+                    ]

@@ -14,21 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from conftest import DEMO_FAST
 from resclip import demo
 from resclip.cli import main
 
 BIRD = Path(__file__).parent / "data" / "benchmarks" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "crop_114.jpg"
-FAST = (("rcs_layers", (1, 2)), ("sfr_first_pass_pamr_steps", 0), ("short_side", 128), ("slide_crop", 0))
+FAST = DEMO_FAST
 
 
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path_factory.getbasetemp() / "resclip-cache"))
-
-
-@pytest.fixture
-def settings(tiny_ckpt: Path) -> demo.DemoSettings:
-    return demo.DemoSettings(pretrained=str(tiny_ckpt), device="cpu", overrides=FAST)
+pytestmark = pytest.mark.usefixtures("text_cache_env")
 
 
 @pytest.fixture
@@ -140,7 +134,10 @@ def test_errors_do_not_show_server_paths(settings, tmp_path):
 def test_invalid_text_in_class_names(settings):
     with pytest.raises(ValueError) as err:
         demo.segment_image(str(BIRD), "bird; caf\udcff", settings=settings)
-    assert str(err.value) == "The class names hold characters that are not valid text; retype them."
+    assert str(err.value) == (
+        "class 2 ('caf\\udcff') holds a character that is not valid text (the byte 0xff): the names must be "
+        "UTF-8 (e.g. a UTF-8 terminal, LANG=C.UTF-8, or a UTF-8 class file); retype them"
+    )
 
 
 def test_unexpected_failures_show_a_generic_message(settings, tmp_path, monkeypatch, caplog):

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,24 +39,6 @@ def text_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield cache
 
 
-@pytest.fixture(scope="module")
-def small_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first three VOC fixtures shrunk to 96x80 (same layout, palette and values)."""
-    root = tmp_path_factory.mktemp("small") / "VOCdevkit" / "VOC2012"
-    ids = (VOC / "ImageSets/Segmentation/val.txt").read_text().split()[:3]
-    for sub, ext, how in (
-        ("JPEGImages", ".jpg", Image.Resampling.BILINEAR),
-        ("SegmentationClass", ".png", Image.Resampling.NEAREST),
-    ):
-        (root / sub).mkdir(parents=True)
-        for i in ids:
-            with Image.open(VOC / sub / f"{i}{ext}") as img:
-                img.resize((96, 80), how).save(root / sub / f"{i}{ext}")
-    (root / "ImageSets/Segmentation").mkdir(parents=True)
-    (root / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids) + "\n")
-    return root
-
-
 @pytest.fixture
 def root(small_voc: Path, tmp_path: Path) -> Path:
     """A private copy of the small dataset (tests edit it)."""
@@ -67,6 +50,11 @@ def root(small_voc: Path, tmp_path: Path) -> Path:
 def _eval(ckpt: Path, data: Path, out: Path, *extra: str) -> int:
     argv = ["eval", "--dataset", "voc21", "--root", str(data), "--pretrained", str(ckpt), *FAST, *RUN]
     return main([*argv, "--output", str(out), *extra])
+
+
+def _warned(err: str, pattern: str) -> None:
+    """The CLI printed a warning matching ``pattern`` as one ``resclip: warning: ...`` line."""
+    assert any(re.match(rf"resclip: warning: .*{pattern}", line) for line in err.splitlines()), err
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -143,7 +131,9 @@ def test_truncated_prediction_png_is_rewritten(tiny64: Path, root: Path, tmp_pat
     assert _same(_json(tmp_path / "r.json"), _json(tmp_path / "r2.json"))
 
 
-def test_zeroed_counts_in_the_state_are_rejected(tiny64: Path, root: Path, tmp_path: Path) -> None:
+def test_zeroed_counts_in_the_state_are_rejected(
+    tiny64: Path, root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _eval(tiny64, root, tmp_path / "r.json") == 0
     (state,) = (tmp_path / ".resclip-state").glob("voc21-*.npz")
     with np.load(state, allow_pickle=False) as f:
@@ -152,8 +142,9 @@ def test_zeroed_counts_in_the_state_are_rejected(tiny64: Path, root: Path, tmp_p
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     state.write_bytes(buf.getvalue())
-    with pytest.warns(UserWarning, match=r"ignoring 3 damaged entries \(checksum mismatch\)"):
-        assert _eval(tiny64, root, tmp_path / "r2.json") == 0
+    capsys.readouterr()
+    assert _eval(tiny64, root, tmp_path / "r2.json") == 0
+    _warned(capsys.readouterr().err, r"ignoring 3 damaged entries \(checksum mismatch\)")
     again = _json(tmp_path / "r2.json")
     assert again["reused_images"] == 0 and isinstance(again["miou"], float)
     assert _same(_json(tmp_path / "r.json"), again)
@@ -179,14 +170,13 @@ def test_unwritable_state_folder_still_gives_results(
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a folder")
     monkeypatch.setenv("RESCLIP_CACHE", str(blocker))  # no text cache, no default state folder
-    with pytest.warns(
-        UserWarning, match=r"cannot save evaluation progress in .*blocker/eval.*cannot be resumed"
-    ):
-        argv = ["eval", "--dataset", "voc21", "--root", str(root), "--pretrained", str(tiny64), *FAST, *RUN]
-        assert main(argv) == 0
-    assert "VOC21: mIoU" in capsys.readouterr().out
-    with pytest.warns(UserWarning, match="cannot save evaluation progress"):
-        assert _eval(tiny64, root, tmp_path / "out" / "r.json", "--state-dir", str(blocker / "state")) == 0
+    argv = ["eval", "--dataset", "voc21", "--root", str(root), "--pretrained", str(tiny64), *FAST, *RUN]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "VOC21: mIoU" in out
+    _warned(err, r"cannot save evaluation progress in .*blocker/eval.*cannot be resumed")
+    assert _eval(tiny64, root, tmp_path / "out" / "r.json", "--state-dir", str(blocker / "state")) == 0
+    _warned(capsys.readouterr().err, "cannot save evaluation progress")
     monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))
     assert _eval(tiny64, root, tmp_path / "ok" / "r.json") == 0
     assert _same(_json(tmp_path / "out" / "r.json"), _json(tmp_path / "ok" / "r.json"))
@@ -241,14 +231,14 @@ def test_full_disk_when_writing_results(
 
 SCRIPT = """
 import sys, time
-import resclip, resclip.evaluate as ev
+import resclip, resclip.eval.loop as ev
 seg = resclip.create_segmenter(
     preset="voc21", pretrained=sys.argv[1], sfr=False, short_side=64, rcs_layers=(2, 3)
 )
 def stuck(*args):
     print("scoring", flush=True)
     time.sleep(600)
-ev.predict_mask = stuck
+ev.segment_mask = stuck
 ev.evaluate(seg, "voc21", sys.argv[2], limit=8, workers=2, state_dir=sys.argv[3], progress=False)
 """
 

@@ -12,24 +12,17 @@ from typing import Any
 
 import pytest
 
+from conftest import CLI_FAST
 from resclip.cli import main
 
 BENCH = Path(__file__).parent / "data" / "benchmarks"
 BIRD = BENCH / "VOCdevkit" / "VOC2012" / "JPEGImages" / "crop_114.jpg"
 OTHER = BENCH / "coco_stuff164k" / "images" / "val2017" / "000000007977.jpg"
 CLASSES = "bird; water, lake; sky"
-FAST = ["--device", "cpu", "--set", "rcs_layers=(1,2)", "--set", "short_side=128", "--set", "slide_crop=0",
-        "--set", "sfr_first_pass_pamr_steps=0"]
+FAST = CLI_FAST
 
 
-@pytest.fixture(autouse=True)
-def _text_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path_factory.getbasetemp() / "resclip-cache"))
-
-
-@pytest.fixture
-def model(tiny_ckpt: Path) -> list[str]:
-    return ["--pretrained", str(tiny_ckpt), *FAST]
+pytestmark = pytest.mark.usefixtures("text_cache_env")
 
 
 class _FullFile:
@@ -108,8 +101,8 @@ def test_invalid_utf8_in_classes_is_one_clear_error(tmp_path, capsys, model):
     rc, err = _run(capsys, "segment", BIRD, "--classes", classes, "--out", tmp_path / "o", *model)
     assert rc == 2
     assert err.splitlines() == [
-        "resclip: error: --classes is not valid UTF-8 (it holds the byte 0xff): type the names in a UTF-8 "
-        "terminal (e.g. LANG=C.UTF-8) or save them to a UTF-8 file and pass --class-file"
+        "resclip: error: class 1 ('caf\\udcff') holds a character that is not valid text (the byte 0xff): "
+        "the names must be UTF-8 (e.g. a UTF-8 terminal, LANG=C.UTF-8, or a UTF-8 class file); retype them"
     ]
     assert not (tmp_path / "o").exists()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resclip import vit
-from resclip.engine import DenseEngine
+from resclip.engine import DenseEngine, WindowTrace
 from resclip.methods import get_method
 from resclip.rcs import RCSConfig
 from resclip.sfr import SFRConfig
@@ -42,16 +42,17 @@ def test_one_head_at_a_time_gives_the_same_logits(tiny_visual, monkeypatch, meth
     text = torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)
     q2c = torch.tensor([0, 0, 1, 2, 2])
     eng = DenseEngine(tiny_visual, get_method(method), RCSConfig(layers=(2, 3)), SFRConfig(), "explicit")
-    aux_all: dict = {}
-    together = eng.window_logits(x, text, q2c, aux_all)
+    trace_all = WindowTrace()
+    together = eng.window_logits(x, text, q2c, trace_all)
 
     def one_head(b: int, h: int, t: int, budget: int = 0) -> list[slice]:
         return [slice(i, i + 1) for i in range(h)]
 
     monkeypatch.setattr(vit, "head_chunks", one_head)  # serves the trunk and both last-block passes
-    aux_one: dict = {}
-    apart = eng.window_logits(x, text, q2c, aux_one)
+    trace_one = WindowTrace()
+    apart = eng.window_logits(x, text, q2c, trace_one)
     torch.testing.assert_close(apart, together, atol=1e-6, rtol=0)
-    for key in ("rcs_attn", "first_pass_attn", "final_attn"):
-        torch.testing.assert_close(aux_one[key], aux_all[key], atol=1e-6, rtol=0)
-    assert torch.equal(aux_one["sfr_label_map"], aux_all["sfr_label_map"])
+    for one, every in [(trace_one.rcs_attn, trace_all.rcs_attn), (trace_one.sfr.attn, trace_all.sfr.attn),
+                       (trace_one.attn, trace_all.attn)]:
+        torch.testing.assert_close(one, every, atol=1e-6, rtol=0)
+    assert torch.equal(trace_one.sfr.label_map, trace_all.sfr.label_map)

@@ -68,11 +68,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     except pickle.UnpicklingError as exc:
         raise ValueError(_unpickling_message(path, exc)) from None
     except Exception as exc:
-        raise ValueError(
-            f"could not read checkpoint pretrained={str(path)!r} ({_brief(exc)}). The file "
-            "may be truncated or corrupt; expected a torch.save'd state dict, a .safetensors file or an "
-            "OpenAI .pt."
-        ) from None
+        raise ValueError(_unreadable_message(path, _brief(exc))) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
@@ -139,15 +135,18 @@ def _any_nonzero(tensor: torch.Tensor, block: int = 1 << 22) -> bool:
 _GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)")
 
 
+def _unreadable_message(path: Path, brief: str) -> str:
+    return (
+        f"could not read checkpoint pretrained={str(path)!r} ({brief}). The file may be truncated or "
+        "corrupt; expected a torch.save'd state dict, a .safetensors file or an OpenAI .pt."
+    )
+
+
 def _unpickling_message(path: Path, exc: pickle.UnpicklingError) -> str:
     """Our words for torch's ``weights_only`` rejection (whose advice to disable it is not passed on)."""
     found = _GLOBAL.search(str(exc))
     if found is None:
-        return (
-            f"could not read checkpoint pretrained={str(path)!r}: it is not a file torch.save wrote (or "
-            "it is truncated or corrupt); expected a torch.save'd state dict, a .safetensors file or an "
-            "OpenAI .pt."
-        )
+        return _unreadable_message(path, "UnpicklingError: not a file torch.save wrote")
     return (
         f"refusing to read pretrained={str(path)!r}: besides tensors it holds Python objects "
         f"({found.group(1)}), and unpickling those could run code. resclip reads weights only: save the "

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .commands import load_commands
-from .commands.common import UserError
+from .commands.common import UserError, cli_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args))
+        with cli_warnings():  # every library warning is one "resclip: warning: ..." line on stderr
+            return int(args._run(args))
     except KeyboardInterrupt:
         print("resclip: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,5 @@
-"""Readers for the eight benchmarks, in the folder layouts MMSegmentation users already have.
+"""Readers for the eight benchmarks, in the folder layouts MMSegmentation users already have (the
+benchmarks themselves are described in :mod:`resclip.dataset_specs`).
 
 Labels are read exactly as MMSegmentation reads them: Pillow, no conversion (palette PNGs keep their
 indices), optional ``reduce_zero_label`` (0 -> 255, others -1, 254 -> 255), 255 = ignore. Every
@@ -19,184 +20,42 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .dataset_specs import (
+    DATASETS,
+    DatasetError,
+    DatasetNotFoundError,
+    DatasetSpec,
+    class_file_path,
+    get_dataset_spec,
+    list_datasets,
+    root_names,
+)
 from .fileio import atomic_write
+from .metrics import IGNORE_INDEX
+from .palettes import voc_palette
 from .preprocess import load_image
 
-IGNORE_INDEX = 255
-
-
-class DatasetError(ValueError):
-    """Wrong dataset content: label values, sizes, unreadable files, unknown names."""
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset folder or file is missing."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One benchmark: where its files are and how its labels are read.
-
-    Attributes:
-        name: dataset key (``"voc21"``...), also its default preset.
-        title: the name the papers print (``"VOC21"``).
-        num_classes: classes scored by the metric (incl. background where there is one).
-        class_file: shipped class-name file (``resclip/data/class_names``).
-        reduce_zero_label: label 0 is ignored and the other labels shift down by one.
-        root_name: the folder MMSegmentation configs name as ``data_root``.
-        img_dir: image folder below the root.
-        ann_dir: label folder below the root.
-        img_suffix: image file ending.
-        seg_suffix: label file ending replacing ``img_suffix``.
-        split: split file below the root listing image ids, or None (every image in ``img_dir``).
-        background: class 0 is a background class.
-        palette: ``"voc"`` to save predictions as palette PNGs with the VOC palette, None for grey.
-    """
-
-    name: str
-    title: str
-    num_classes: int
-    class_file: str
-    reduce_zero_label: bool
-    root_name: str
-    img_dir: str
-    ann_dir: str
-    img_suffix: str
-    seg_suffix: str
-    split: str | None = None
-    background: bool = False
-    palette: str | None = None
-
-    @property
-    def default_preset(self) -> str:
-        """The preset holding the released ResCLIP settings for this dataset."""
-        return self.name
-
-    def layout(self) -> str:
-        """One line describing the expected folder layout."""
-        split = f", split file {self.split}" if self.split else ""
-        return (
-            f"{self.name} expects --root = the MMSegmentation folder {self.root_name}/ with images "
-            f"{self.img_dir}/**/*{self.img_suffix} and labels {self.ann_dir}/**/*{self.seg_suffix}{split}"
-        )
-
-
-def _voc(name: str, title: str, n: int, reduce: bool) -> DatasetSpec:
-    return DatasetSpec(
-        name,
-        title,
-        n,
-        f"{name}.txt",
-        reduce,
-        "VOCdevkit/VOC2012",
-        "JPEGImages",
-        "SegmentationClass",
-        ".jpg",
-        ".png",
-        "ImageSets/Segmentation/val.txt",
-        background=not reduce,
-        palette="voc",
-    )
-
-
-def _context(name: str, title: str, n: int, reduce: bool) -> DatasetSpec:
-    return DatasetSpec(
-        name,
-        title,
-        n,
-        f"{name}.txt",
-        reduce,
-        "VOCdevkit/VOC2010",
-        "JPEGImages",
-        "SegmentationClassContext",
-        ".jpg",
-        ".png",
-        "ImageSets/SegmentationContext/val.txt",
-        background=not reduce,
-    )
-
-
-def _coco(name: str, title: str, n: int, seg_suffix: str, background: bool) -> DatasetSpec:
-    return DatasetSpec(
-        name,
-        title,
-        n,
-        f"{name}.txt",
-        False,
-        "coco_stuff164k",
-        "images/val2017",
-        "annotations/val2017",
-        ".jpg",
-        seg_suffix,
-        background=background,
-    )
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    s.name: s
-    for s in (
-        _voc("voc21", "VOC21", 21, False),
-        _voc("voc20", "VOC20", 20, True),
-        _context("context60", "Context60", 60, False),
-        _context("context59", "Context59", 59, True),
-        _coco("coco_object", "COCO-Object", 81, "_instanceTrainIds.png", True),
-        _coco("coco_stuff", "COCO-Stuff", 171, "_labelTrainIds.png", False),
-        DatasetSpec(
-            "cityscapes",
-            "Cityscapes",
-            19,
-            "city_scapes.txt",
-            False,
-            "cityscapes",
-            "leftImg8bit/val",
-            "gtFine/val",
-            "_leftImg8bit.png",
-            "_gtFine_labelTrainIds.png",
-        ),
-        DatasetSpec(
-            "ade20k",
-            "ADE20K",
-            150,
-            "ade20k.txt",
-            True,
-            "ADEChallengeData2016",
-            "images/validation",
-            "annotations/validation",
-            ".jpg",
-            ".png",
-        ),
-    )
-}
-
-_ALIASES = {
-    "coco_stuff164k": "coco_stuff",
-    "city_scapes": "cityscapes",
-    "ade": "ade20k",
-    "coco_obj": "coco_object",
-}
-
-
-def list_datasets() -> list[str]:
-    """Names of the eight benchmarks."""
-    return list(DATASETS)
-
-
-def get_dataset_spec(name: str) -> DatasetSpec:
-    """Look up a benchmark by name (a few MMSeg spellings such as ``coco_stuff164k`` are accepted).
-
-    Raises:
-        DatasetError: unknown name; the message lists the valid ones.
-    """
-    key = str(name).strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
-    return DATASETS[key]
-
-
-def class_file_path(spec: DatasetSpec) -> Path:
-    """Path of the shipped class-name file of ``spec``."""
-    return Path(__file__).parent / "data" / "class_names" / spec.class_file
+__all__ = [  # the benchmark table (resclip.dataset_specs) is re-exported: one import for callers
+    "DATASETS",
+    "BenchmarkImages",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DatasetSpec",
+    "LoadedSample",
+    "Sample",
+    "check_label_values",
+    "class_file_path",
+    "get_dataset_spec",
+    "identity_collate",
+    "list_datasets",
+    "list_samples",
+    "load_pair",
+    "read_label",
+    "reduce_zero_label",
+    "root_names",
+    "save_prediction",
+    "to_label_convention",
+]
 
 
 @dataclass(frozen=True)
@@ -223,7 +82,7 @@ def _require_dir(path: Path, spec: DatasetSpec, root: Path) -> None:
     if path.is_dir():
         return
     hint = ""
-    for guess in (root / spec.root_name, root / "ade" / spec.root_name):
+    for guess in (root / sub for sub in spec.root_candidates):
         if (guess / spec.img_dir).is_dir():
             hint = f"; did you mean --root {guess}?"
             break
@@ -394,21 +253,6 @@ def identity_collate(item: LoadedSample) -> LoadedSample:
     return item
 
 
-def voc_palette() -> list[int]:
-    """The standard PASCAL VOC colour map (256 RGB triplets, flattened)."""
-    out: list[int] = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= (c & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out += [r, g, b]
-    return out
-
-
 def to_label_convention(mask: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     """``(H, W)`` predicted class indices -> uint8 values as in the label files (undo reduce_zero_label)."""
     values = mask.astype(np.int64) + (1 if spec.reduce_zero_label else 0)
@@ -433,7 +277,7 @@ def save_prediction(mask: np.ndarray, path: str | os.PathLike[str], spec: Datase
     """
     img = Image.fromarray(to_label_convention(mask, spec))  # 2-D uint8 -> mode "L"
     if spec.palette == "voc":
-        img.putpalette(voc_palette())  # "L" -> "P", indices unchanged
+        img.putpalette(voc_palette().ravel().tolist())  # "L" -> "P", indices unchanged
     buffer = io.BytesIO()
     img.save(buffer, format="PNG")
     data = buffer.getvalue()

@@ -3,8 +3,9 @@ base attention and the RCS / SFR switches, see the overlay and its legend.
 
 The CLIP model loads once per :class:`DemoSettings` (cached); each request only builds the small
 last-block engine for the chosen method. :func:`segment_image` is the whole request handler as a
-plain function (no Gradio needed), so it is tested without a server; :func:`build_app` wraps it in
-a Gradio page and :func:`launch` serves it (``resclip demo``).
+plain function (no Gradio needed), so it is tested without a server; ``build_app`` wraps it in a
+Gradio page and ``launch`` serves it (``resclip demo``); both live in :mod:`resclip.demo_server` and
+are reachable here.
 
 Serving it to others (the limits are :class:`DemoSettings` fields, ``resclip demo`` flags):
 
@@ -25,48 +26,56 @@ Serving it to others (the limits are :class:`DemoSettings` fields, ``resclip dem
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import logging
 import os
 import threading
 import time
-import uuid
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import viz
-from .commands.common import UserError
-from .commands.compare import Variant, has_scores, segmenter_variant
-from .commands.segment import check_class_lengths, class_lines, segment_array, validate_classes
+from .classes import ClassListWarning, ClassSpec, load_classes, read_class_file
+from .datasets import DATASETS, class_file_path, get_dataset_spec
+from .eval.loop import segment_mask as segment_array
 from .factory import create_segmenter
-from .methods import list_methods
-from .palettes import PALETTES
+from .methods import get_method, list_methods
 from .preprocess import ImageInput, load_image
-from .presets import CLASS_FILES
 from .segmenter import Segmenter
-from .text import read_class_file
 
 GRADIO_HINT = "the web demo needs Gradio: pip install 'resclip[demo]'"
 EXAMPLE_CLASSES = "cat; sofa; sky, clouds; floor; wall"
-CLASS_LISTS = {
-    "PASCAL VOC (21)": "voc21",
-    "PASCAL Context (60)": "context60",
-    "COCO-Object (81)": "coco_object",
-    "COCO-Stuff (171)": "coco_stuff",
-    "ADE20K (150)": "ade20k",
-    "Cityscapes (19)": "cityscapes",
-}
+
+
+def _class_lists() -> dict[str, str]:
+    """One shipped class list per benchmark family (the first variant: the one with background)."""
+    first: dict[str, str] = {}
+    for spec in DATASETS.values():
+        first.setdefault(spec.family, spec.name)
+    return {f"{family} ({DATASETS[name].num_classes})": name for family, name in first.items()}
+
+
+#: The benchmark class lists the page offers, by label (``"PASCAL VOC (21)"``) -> dataset name.
+CLASS_LISTS = _class_lists()
 MEBIBYTE = 1 << 20
-# Gradio's sweep of files that no session cleaned up (API clients that never close a page):
-# every 10 minutes, files older than an hour are deleted.
-CACHE_SWEEP = (600, 3600)
 LOG = logging.getLogger(__name__)
+_SERVER = ("SessionFiles", "build_app", "handle_request", "launch")  # in resclip.demo_server
+
+
+def __getattr__(name: str) -> Any:
+    """The page and its server (:mod:`resclip.demo_server`), loaded when first asked for."""
+    if name in _SERVER:
+        from . import demo_server
+
+        return getattr(demo_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,8 @@ class DemoResult:
         legend: one row per class present: ``name``, ``color`` (``"#rrggbb"``), ``share`` (0..1).
         legend_html: the legend as an HTML table.
         status: one line: method, modules, preset, image size and time taken.
+        warnings: the class-list warnings of :mod:`resclip.classes` (``"cat,dog"`` is one class, a
+            single class, duplicates, names too long), one line each.
     """
 
     overlay: np.ndarray
@@ -128,6 +139,7 @@ class DemoResult:
     legend: list[dict[str, Any]]
     legend_html: str
     status: str
+    warnings: list[str] = field(default_factory=list)
 
 
 @functools.lru_cache(maxsize=2)
@@ -142,7 +154,7 @@ def load_base(settings: DemoSettings) -> Segmenter:
 
 def class_list(name: str) -> str:
     """A shipped benchmark class list (a key of :data:`CLASS_LISTS`) as one ``;``-separated string."""
-    path = Path(__file__).parent / "data" / "class_names" / CLASS_FILES[CLASS_LISTS[name]]
+    path = class_file_path(get_dataset_spec(CLASS_LISTS[name]))
     return "; ".join(line.strip() for line in read_class_file(path))
 
 
@@ -170,15 +182,31 @@ def _hide_path(message: str, path: str) -> str:
     return message.replace(repr(path), repr(name)).replace(path, name)
 
 
-def check_classes(lines: list[str], settings: DemoSettings) -> None:
+_WARNINGS = threading.Lock()  # Python's warning filters are process-wide
+
+
+@contextlib.contextmanager
+def _class_notes(notes: list[str]) -> Iterator[None]:
+    """Collect the block's class-list warnings into ``notes`` for the visitor; log the others."""
+    with _WARNINGS, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if issubclass(w.category, ClassListWarning):
+            notes.append(str(w.message))
+        else:
+            LOG.warning("%s", w.message)
+
+
+def check_classes(spec: ClassSpec, settings: DemoSettings) -> None:
     """Refuse more than ``settings.max_classes`` class names (synonyms included).
 
     Raises:
         ValueError: one sentence for the visitor.
     """
-    names = sum(len(line.split(",")) for line in lines if line.strip())
+    names = spec.num_queries
     if names > settings.max_classes:
-        extra = " (synonyms count as names)" if names > len(lines) else ""
+        extra = " (synonyms count as names)" if names > spec.num_classes else ""
         raise ValueError(f"You listed {names} class names; this demo accepts up to {settings.max_classes}"
                          f"{extra}.")
 
@@ -237,7 +265,8 @@ def segment_image(
 
     Args:
         image: a path, PIL image or ``(H, W, 3)`` uint8 array (any mode; EXIF orientation applied).
-        classes: ``"cat; sofa; sky, clouds"`` (``;`` or newlines between classes).
+        classes: ``"cat; sofa; sky, clouds"``: the rule of :mod:`resclip.classes` (``;`` or new lines
+            between classes, ``,`` between synonyms); its warnings are returned in ``warnings``.
         method: base attention; ``rcs`` / ``sfr`` switch the ResCLIP modules.
         alpha: overlay colour weight.
         settings: the server's model settings and limits (the model is loaded once per settings).
@@ -251,29 +280,23 @@ def segment_image(
         raise ValueError("upload an image first")
     if method not in list_methods():
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(list_methods())}")
-    if sfr and not has_scores(method):
+    if sfr and not get_method(method).has_scores:
         raise ValueError(f"{method} has no attention scores for SFR to refine: switch SFR off")
-    text = str(classes or "")
-    if any("\ud800" <= ch <= "\udfff" for ch in text):
-        raise ValueError("The class names hold characters that are not valid text; retype them.")
+    notes: list[str] = []
     try:
-        lines = class_lines(text, None)[0]
-        check_classes(lines, settings)
-        spec = validate_classes(lines, "class")
+        with _class_notes(notes):
+            spec = load_classes(str(classes or ""))
+        check_classes(spec, settings)
         check_image(image, settings)
         rgb = load_image(image)
-    except (UserError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:
         message = str(err)
         if isinstance(image, (str, os.PathLike)):
             message = _hide_path(message, os.fspath(image))
         raise ValueError(message) from err
-    base = load_base(settings)
-    try:
-        check_class_lengths(base.tokenizer, spec)
-    except UserError as err:
-        raise ValueError(str(err)) from err
-    seg = segmenter_variant(base, Variant(method, method, bool(rcs), bool(sfr)))
-    spec, emb = seg.encode_classes(cast(Any, spec))
+    seg = load_base(settings).with_method(method, rcs=bool(rcs), sfr=bool(sfr))
+    with _class_notes(notes):
+        spec, emb = seg.encode_classes(cast(Any, spec))
     mask = segment_array(seg, rgb, spec, emb)
     counts = viz.pixel_counts(mask, spec.num_classes)
     colours = viz.colorize(np.arange(spec.num_classes).reshape(1, -1), palette)[0]
@@ -286,202 +309,4 @@ def segment_image(
     modules = " + ".join(["RCS"] * bool(rcs) + ["SFR"] * bool(sfr)) or "no modules"
     status = (f"{method} + {modules}, preset {seg.config.preset}, {rgb.shape[1]}x{rgb.shape[0]} px, "
               f"{time.perf_counter() - start:.1f} s")
-    return DemoResult(picture, mask, rows, _legend_html(rows), status)
-
-
-class SessionFiles:
-    """The demo's files on the server, per visitor session: the current upload and overlay only.
-
-    Each request calls :meth:`hold` with the files its page now shows; the files the session held
-    before and no session holds any more are deleted. :meth:`end` (the page was closed) deletes the
-    rest. Uploads are shared between sessions when two visitors send the same bytes (Gradio names
-    them by content), so a file is deleted only once no session holds it.
-    """
-
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.folder = Path(folder)
-        self._lock = threading.Lock()
-        self._held: dict[str, dict[str, Path]] = {}
-
-    def new_output(self) -> Path:
-        """A fresh file name for an overlay (in the folder Gradio serves files from)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        return self.folder / f"resclip-overlay-{uuid.uuid4().hex}.png"
-
-    def held(self, session: str) -> dict[str, Path]:
-        """The files ``session`` holds, by role (``"upload"``, ``"output"``)."""
-        with self._lock:
-            return dict(self._held.get(session, {}))
-
-    def hold(self, session: str, files: dict[str, Path]) -> None:
-        """Make ``files`` the session's files; delete the ones it no longer holds.
-
-        Files outside :attr:`folder` are not tracked (and so never deleted).
-        """
-        mine = {role: path for role, path in files.items() if self._inside(path)}  # never touch others
-        with self._lock:
-            before = set(self._held.get(session, {}).values())
-            self._held[session] = mine
-            self._release(before - set(mine.values()))
-
-    def end(self, session: str | None) -> None:
-        """Forget a session and delete its files."""
-        with self._lock:
-            self._release(set(self._held.pop(session or "", {}).values()))
-
-    def _inside(self, path: Path) -> bool:
-        try:
-            full, folder = path.resolve(), self.folder.resolve()
-        except OSError:
-            return False
-        return full != folder and full.is_relative_to(folder)
-
-    def _release(self, paths: Iterable[Path]) -> None:
-        kept = {p for files in self._held.values() for p in files.values()}
-        for path in set(paths) - kept:
-            try:
-                path.unlink(missing_ok=True)
-                if path.parent != self.folder:  # Gradio keeps each upload in a folder of its own
-                    path.parent.rmdir()
-            except OSError:  # a folder not empty, or a file already gone: Gradio's sweep does the rest
-                pass
-
-
-def _upload_path(image: Any) -> str | None:
-    """The server path of the image component's raw value (Gradio ``FileData``), if any."""
-    if isinstance(image, dict):
-        path = image.get("path")
-        return str(path) if path else None
-    if isinstance(image, (str, os.PathLike)):
-        return os.fspath(image)
-    return None
-
-
-def handle_request(files: SessionFiles, session: str | None, image: Any, classes: str, method: str,
-                   rcs: bool, sfr: bool, alpha: float, palette: str, *,
-                   settings: DemoSettings) -> tuple[str, str, str]:
-    """The page's request: :func:`segment_image`, then the overlay saved as a PNG for the browser.
-
-    Args:
-        files: the sessions' files; the upload and the new overlay replace the session's previous ones.
-        session: the visitor's session id (``None``: a one-off request, whose files are left to
-            Gradio's hourly sweep).
-        image: the image component's raw value (a ``FileData`` dict with the upload's ``path``).
-
-    Returns:
-        The overlay PNG's path, the legend HTML and the status line.
-
-    Raises:
-        ValueError: one line for the visitor, without server paths.
-    """
-    upload = _upload_path(image)
-    previous = files.held(session) if session else {}
-    result: dict[str, Path] = {"upload": Path(upload)} if upload else {}
-    try:
-        try:
-            res = segment_image(upload, classes, method, bool(rcs), bool(sfr), float(alpha),
-                                settings=settings, palette=palette)
-        except ValueError:
-            raise
-        except Exception as err:
-            LOG.exception("the demo failed on a request")
-            raise ValueError("Something went wrong while segmenting this image; please try again.") from err
-        out = files.new_output()
-        try:
-            Image.fromarray(res.overlay).save(out, format="PNG", compress_level=3)
-        except (OSError, ValueError) as err:
-            out.unlink(missing_ok=True)
-            LOG.exception("the demo could not save an overlay")
-            raise ValueError("The result could not be saved on the server; please try again later.") from err
-        result["output"] = out
-        return str(out), res.legend_html, res.status
-    finally:
-        if "output" not in result and "output" in previous:
-            result["output"] = previous["output"]  # the page still shows the last overlay
-        if session:
-            files.hold(session, result)
-
-
-def build_app(settings: DemoSettings) -> Any:
-    """The Gradio ``Blocks`` page around :func:`segment_image` (not launched).
-
-    Raises:
-        RuntimeError: Gradio is not installed.
-    """
-    try:
-        import gradio as gr
-    except ImportError as err:
-        raise RuntimeError(GRADIO_HINT) from err
-
-    files: SessionFiles | None = None  # set below, in Gradio's cache folder
-
-    def handler(image: Any, classes: str, method: str, rcs: bool, sfr: bool, alpha: float,
-                palette: str, request: gr.Request) -> tuple[Any, ...]:
-        assert files is not None
-        try:
-            return handle_request(files, request.session_hash, image, classes, method, rcs, sfr, alpha,
-                                  palette, settings=settings)
-        except ValueError as err:
-            raise gr.Error(str(err), print_exception=False) from err
-
-    def end_session(request: gr.Request) -> None:
-        if files is not None:
-            files.end(request.session_hash)
-
-    # Gradio passes the request to a parameter annotated gr.Request; with postponed annotations it
-    # would have to resolve the string "gr.Request" in this module, where Gradio is not imported
-    handler.__annotations__["request"] = end_session.__annotations__["request"] = gr.Request
-
-    with gr.Blocks(title="ResCLIP demo", analytics_enabled=False, delete_cache=CACHE_SWEEP) as app:
-        gr.Markdown("## ResCLIP: training-free open-vocabulary segmentation with CLIP\n"
-                    "Upload an image, list the classes to look for (`;` between classes, `,` between "
-                    "synonyms), then press **Segment**. Every pixel gets one of your classes.")
-        with gr.Row():
-            with gr.Column():
-                # the handler gets the upload's path (preprocess=False below): Gradio neither decodes it
-                # nor opens it; the limits are checked from the header first
-                image = gr.Image(label="Image", type="filepath", image_mode=None,
-                                 sources=["upload", "clipboard"], elem_id="input-image")
-                classes = gr.Textbox(label="Class names", value=EXAMPLE_CLASSES, lines=2,
-                                     placeholder="cat; sofa; sky, clouds", elem_id="classes")
-                preset = gr.Dropdown(["(type your own)", *CLASS_LISTS], value="(type your own)",
-                                     label="or start from a benchmark's classes", elem_id="class-list")
-                with gr.Row():
-                    method = gr.Dropdown(list_methods(), value=settings.method, label="Base attention",
-                                         elem_id="method")
-                    rcs = gr.Checkbox(value=settings.rcs, label="RCS", elem_id="rcs")
-                    sfr = gr.Checkbox(value=settings.sfr, label="SFR", elem_id="sfr")
-                with gr.Row():
-                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity",
-                                      elem_id="alpha")
-                    palette = gr.Radio(list(PALETTES), value="voc", label="Colours", elem_id="palette")
-                button = gr.Button("Segment", variant="primary", elem_id="segment-button")
-            with gr.Column():
-                overlay = gr.Image(label="Overlay", type="filepath", format="png", interactive=False,
-                                   elem_id="overlay")
-                legend = gr.HTML(elem_id="legend")
-                status = gr.Markdown(elem_id="status")
-        preset.change(lambda name: class_list(name) if name in CLASS_LISTS else gr.skip(), preset, classes)
-        files = SessionFiles(overlay.GRADIO_CACHE)
-        button.click(handler, [image, classes, method, rcs, sfr, alpha, palette], [overlay, legend, status],
-                     preprocess=False)
-        app.unload(end_session)
-    return app
-
-
-def launch(settings: DemoSettings, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Load the model, then serve the page until interrupted.
-
-    ``settings.concurrency`` requests run at a time (Gradio's queue); uploads above
-    ``settings.max_upload_mb`` are refused by Gradio before they reach the handler.
-    """
-    app = build_app(settings)
-    load_base(settings)
-    import gradio as gr
-
-    theme = gr.themes.Default(font=("ui-sans-serif", "system-ui", "sans-serif"),
-                              font_mono=("ui-monospace", "monospace"))
-    app.queue(default_concurrency_limit=settings.concurrency).launch(
-        server_name=host, server_port=port, show_error=False, theme=theme,
-        max_file_size=settings.max_upload_bytes,
-    )
+    return DemoResult(picture, mask, rows, _legend_html(rows), status, list(dict.fromkeys(notes)))

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .attention import identity_attention
-from .methods import BaseAttention
+from .methods import BaseAttention, StageContext
 from .rcs import RCSConfig, rcs_mix
-from .sfr import SFRConfig, patch_mode, pixel_labels, refinement_scores, sfr_mix
+from .sfr import RefinementTrace, SFRConfig, patch_mode, pixel_labels, refinement_scores, sfr_mix
 from .vit import (
     Tower,
+    TrunkOutput,
     attend_by_head_groups,
     encode_trunk,
     last_block_output,
@@ -21,6 +22,50 @@ from .vit import (
     patch_size,
     project_tokens,
 )
+
+
+@dataclass
+class SFRTrace(RefinementTrace):
+    """SFR's first pass of a window batch (plus ``V`` and the unnormalised ``Ŝ``, see
+    :class:`~resclip.sfr.RefinementTrace`).
+
+    Attributes:
+        patch_logits: ``(B, Q, h, w)`` first-pass cosine logits.
+        pixel_labels: ``(B, Hc, Wc)`` int64 per-pixel labels.
+        label_map: ``(B, h, w)`` int64 patch labels ``M``.
+        attn: ``(B, H, T, T)`` the first pass's last-block attention.
+    """
+
+    patch_logits: torch.Tensor | None = None
+    pixel_labels: torch.Tensor | None = None
+    label_map: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+
+
+@dataclass
+class WindowTrace:
+    """Intermediates of one :meth:`DenseEngine.window_logits` call: pass an empty one to have it
+    filled (the ``(B, H, T, T)`` attention maps are kept only then).
+
+    Attributes:
+        pre_last_block_x: ``(B, T, C)`` residual stream entering the last block.
+        rcs_attn: ``(B, H, T, T)`` mean q-k attention of the RCS blocks; None without RCS.
+        tokens: ``(B, T, D)`` projected output tokens, CLS first; ``(B, h*w, D)`` patch tokens
+            for a method whose last stage drops CLS (SC-CLIP).
+        attn: ``(B, H, T, T)`` the last block's final attention; None for a method with its own
+            last stage.
+        sfr: SFR's first pass; None without SFR.
+        blocks: the trunk block outputs the method asked for (``{0-based index: (B, T, C)}``).
+        stages: named intermediates of a method's own last stage (see its module).
+    """
+
+    pre_last_block_x: torch.Tensor | None = None
+    rcs_attn: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+    sfr: SFRTrace | None = None
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    stages: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def patch_logits(
@@ -32,16 +77,18 @@ def patch_logits(
     """Cosine similarity of every patch token with every query embedding.
 
     Args:
-        tokens: ``(B, T, D)`` projected tokens, CLS first.
+        tokens: ``(B, T, D)`` projected tokens, CLS first (``h * w = T - 1``), or ``(B, h*w, D)``
+            patch tokens only.
         text: ``(Q, D)`` L2-normalised query embeddings.
-        grid: ``(h, w)`` with ``h * w = T - 1``.
+        grid: ``(h, w)``.
         first: ``(Q,)`` from :func:`first_identical_row`: each query takes the logits of the first
             query identical to it, or None when all queries differ.
 
     Returns:
         ``(B, Q, h, w)`` float32 logits.
     """
-    feats = F.normalize(tokens[:, 1:].float(), dim=-1)
+    patches = tokens if tokens.shape[1] == grid[0] * grid[1] else tokens[:, 1:]
+    feats = F.normalize(patches.float(), dim=-1)
     logits = feats @ text.float().t()
     if first is not None:  # identical queries (a synonym in several classes) get bit-identical logits
         logits = logits[..., first]
@@ -87,7 +134,7 @@ class DenseEngine:
     ) -> None:
         if trunk_attention not in ("explicit", "fused"):
             raise ValueError(f"trunk_attention must be 'explicit' or 'fused', got {trunk_attention!r}")
-        if sfr is not None and not method.score_terms(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)):
+        if sfr is not None and not method.has_scores:
             raise ValueError(
                 f"SFR edits attention scores, but method {method.name!r} has none (identity attention); "
                 "use sfr=False with it"
@@ -96,7 +143,10 @@ class DenseEngine:
         self.method = method
         self.rcs = rcs
         self.sfr = sfr
-        self.rcs_layers = rcs.zero_based(num_blocks(visual)) if rcs is not None else ()
+        depth = num_blocks(visual)
+        self.rcs_layers = rcs.zero_based(depth) if rcs is not None else ()
+        self.keep_blocks = method.trunk_blocks(depth)
+        self.keep_attn = method.trunk_attentions(depth)
         self.patch = patch_size(visual)
         self.explicit = trunk_attention == "explicit"
 
@@ -117,7 +167,7 @@ class DenseEngine:
         """
         terms = self.method.score_terms(q, k)
         bias = self.method.score_bias(grid[0], grid[1], q.device)
-        if not terms:
+        if not self.method.has_scores:
             b, h, t, _ = q.shape
             attn = identity_attention(b, h, t, q.device)
         else:
@@ -173,7 +223,7 @@ class DenseEngine:
         crops: torch.Tensor,
         text: torch.Tensor,
         query_to_class: torch.Tensor,
-        aux: dict[str, Any] | None = None,
+        trace: WindowTrace | None = None,
     ) -> torch.Tensor:
         """Patch logits of a batch of equally sized windows.
 
@@ -181,38 +231,119 @@ class DenseEngine:
             crops: ``(B, 3, Hc, Wc)`` normalised window images.
             text: ``(Q, D)`` query embeddings.
             query_to_class: ``(Q,)`` int64 class of each query (for class-level SFR labels).
-            aux: optional dict that receives intermediates (``tokens``, ``pre_last_block_x``,
-                ``rcs_attn``, ``sfr_first_pass_patch_logits``, ``sfr_pixel_labels``,
-                ``sfr_label_map``, ``sfr_valid_path``, ``sfr_matrix_prenorm``, ``first_pass_attn``,
-                ``final_attn``).
+            trace: an empty :class:`WindowTrace` to fill with the intermediates, or None.
 
         Returns:
             ``(B, Q, h, w)`` float32 cosine logits.
         """
-        trunk = encode_trunk(self.visual, crops, self.rcs_layers, self.explicit)
         same_query = first_identical_row(text)
-        block = self.visual.transformer.resblocks[-1]
-        keep_res = self.method.keep_residual
-        q, k, v = last_block_qkv(block, trunk.x)
-        refine = None
-        keep = aux is not None
-        if self.sfr is not None:
-            first_av, first_attn = self.attend(q, k, v, trunk.grid, trunk.rcs_attn, None, keep)
-            first_tokens = project_tokens(self.visual, last_block_output(block, trunk.x, first_av, keep_res))
-            first_logits = patch_logits(first_tokens, text, trunk.grid, same_query)
-            labels = pixel_labels(first_logits, crops, self.sfr, query_to_class)
-            num_labels = text.shape[0] if self.sfr.label_level == "query" else int(query_to_class.max()) + 1
-            label_map = patch_mode(labels, self.patch, num_labels)
-            refine = refinement_scores(label_map, self.sfr, aux)[:, None]
-            if aux is not None:
-                aux.update(
-                    sfr_first_pass_patch_logits=first_logits,
-                    sfr_pixel_labels=labels,
-                    sfr_label_map=label_map,
-                    first_pass_attn=first_attn,
-                )
-        av, attn = self.attend(q, k, v, trunk.grid, trunk.rcs_attn, refine, keep)
-        tokens = project_tokens(self.visual, last_block_output(block, trunk.x, av, keep_res))
-        if aux is not None:
-            aux.update(tokens=tokens, pre_last_block_x=trunk.x, rcs_attn=trunk.rcs_attn, final_attn=attn)
+        trunk = self._trunk(crops)
+        keep = trace is not None
+        sfr_trace = SFRTrace() if keep else None
+        refine = self._refinement(crops, trunk, text, query_to_class, sfr_trace)
+        tokens, attn = self._forward(trunk, refine, keep, trace.stages if trace is not None else None)
+        if trace is not None:
+            trace.pre_last_block_x, trace.rcs_attn, trace.blocks = trunk.x, trunk.rcs_attn, trunk.blocks
+            trace.tokens, trace.attn = tokens, attn
+            trace.sfr = sfr_trace if self.sfr is not None else None
         return patch_logits(tokens, text, trunk.grid, same_query)
+
+    @torch.inference_mode()
+    def last_attention(
+        self,
+        crops: torch.Tensor,
+        text: torch.Tensor | None = None,
+        query_to_class: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last block's final attention ``(B, H, T, T)`` float32 (what attention figures show).
+
+        Args:
+            crops: ``(B, 3, Hc, Wc)`` normalised window images.
+            text, query_to_class: as in :meth:`window_logits`; needed only with SFR, whose first
+                pass segments the windows.
+
+        Raises:
+            ValueError: SFR without ``text`` and ``query_to_class``; a method with its own last
+                stage (it has no single last-block attention map).
+        """
+        if self.method.replaces_last_block:
+            raise ValueError(
+                f"{self.method.name} replaces the last block with its own stage: it has no single "
+                "last-block attention map to show"
+            )
+        if self.sfr is not None and (text is None or query_to_class is None):
+            raise ValueError("SFR refines attention with a first-pass segmentation: pass class embeddings")
+        trunk = self._trunk(crops)
+        q, k, _ = last_block_qkv(self.visual.transformer.resblocks[-1], trunk.x)
+        refine = None
+        if text is not None and query_to_class is not None:
+            refine = self._refinement(crops, trunk, text, query_to_class, None)
+        return self.attention(q, k, trunk.grid, trunk.rcs_attn, refine)
+
+    def _trunk(self, crops: torch.Tensor) -> TrunkOutput:
+        return encode_trunk(
+            self.visual, crops, self.rcs_layers, self.explicit, self.keep_blocks, self.keep_attn
+        )
+
+    def _forward(
+        self,
+        trunk: TrunkOutput,
+        refine: torch.Tensor | None,
+        keep: bool,
+        stages: dict[str, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last block, or the method's own last stage, on the trunk's output: projected tokens
+        and (standard block, ``keep``) its ``(B, H, T, T)`` attention."""
+        if self.method.replaces_last_block:
+            return self.method.last_stage(self._stage_context(trunk, refine, stages)), None
+        q, k, v = last_block_qkv(self.visual.transformer.resblocks[-1], trunk.x)
+        av, attn = self.attend(q, k, v, trunk.grid, trunk.rcs_attn, refine, keep)
+        return self._tokens(trunk.x, av), attn
+
+    def _stage_context(
+        self, trunk: TrunkOutput, refine: torch.Tensor | None, stages: dict[str, torch.Tensor] | None
+    ) -> StageContext:
+        """RCS and SFR for a last stage that attends over patch tokens only: the CLS row and column
+        are dropped from the averaged RCS attention (rows renormalised) and from SFR's scores."""
+        refine_p = refine[:, :, 1:, 1:] if refine is not None else None
+        rcs_p = None
+        if self.rcs is not None and trunk.rcs_attn is not None:
+            block = trunk.rcs_attn[:, :, 1:, 1:]
+            rcs_p = block / block.sum(dim=-1, keepdim=True)
+
+        def mix_scores(scores: torch.Tensor, heads: slice) -> torch.Tensor:
+            return self._mixed_scores(scores, None, refine_p)
+
+        def mix_attention(attn: torch.Tensor, heads: slice) -> torch.Tensor:
+            if rcs_p is None or self.rcs is None:
+                return attn
+            return rcs_mix(attn, rcs_p[:, heads], self.rcs)
+
+        return StageContext(self.visual, trunk, mix_scores, mix_attention, stages)
+
+    def _tokens(self, x: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
+        """Finish the last block from its attention-weighted values and project: ``(B, T, D)``."""
+        block = self.visual.transformer.resblocks[-1]
+        return project_tokens(self.visual, last_block_output(block, x, av, self.method.keep_residual))
+
+    def _refinement(
+        self,
+        crops: torch.Tensor,
+        trunk: TrunkOutput,
+        text: torch.Tensor,
+        query_to_class: torch.Tensor,
+        trace: SFRTrace | None,
+    ) -> torch.Tensor | None:
+        """SFR's first pass and its refinement scores ``(B, 1, T, T)``; None without SFR."""
+        if self.sfr is None:
+            return None
+        keep = trace is not None
+        first_tokens, first_attn = self._forward(trunk, None, keep, None)
+        first_logits = patch_logits(first_tokens, text, trunk.grid, first_identical_row(text))
+        labels = pixel_labels(first_logits, crops, self.sfr, query_to_class)
+        num_labels = text.shape[0] if self.sfr.label_level == "query" else int(query_to_class.max()) + 1
+        label_map = patch_mode(labels, self.patch, num_labels)
+        if trace is not None:
+            trace.patch_logits, trace.pixel_labels, trace.label_map = first_logits, labels, label_map
+            trace.attn = first_attn
+        return refinement_scores(label_map, self.sfr, trace)[:, None]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .clip import load_clip, resolve_device, resolve_precision
+from .clip import _checkpoint_path, _resolve_model_name, load_clip, resolve_device, resolve_precision
+from .digest import file_identity, weights_digests
 from .engine import DenseEngine
 from .methods import get_method
 from .presets import Fidelity, Preset, get_preset, to_fidelity
@@ -15,7 +18,7 @@ from .protocol import Protocol
 from .rcs import RCSConfig
 from .segmenter import Segmenter, SegmenterConfig
 from .sfr import SFRConfig
-from .text import EmbeddingCache, text_fingerprint
+from .text import EmbeddingCache
 
 _ALIASES = {
     "lambda_rcs": ("rcs", "lam"),
@@ -71,6 +74,49 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
     )
 
 
+def build_engine(visual: Any, config: SegmenterConfig) -> DenseEngine:
+    """The dense engine ``config`` describes, over a CLIP visual tower (the one place engines are built).
+
+    Raises:
+        ValueError: SFR on a method without attention scores, RCS layers outside the model.
+    """
+    method = get_method(config.method).for_fidelity(config.fidelity)
+    return DenseEngine(visual, method, config.rcs, config.sfr, config.trunk_attention)
+
+
+def with_method(
+    base: Segmenter, method: str, *, rcs: bool | None = None, sfr: bool | None = None
+) -> Segmenter:
+    """A segmenter for another base method or module choice, sharing ``base``'s CLIP weights,
+    tokenizer, text cache, protocol and every other setting.
+
+    Cheap: only the last-block engine is new. RCS / SFR settings come from ``base.config``, so
+    ``base`` must have been built with the modules the variant turns on.
+
+    Args:
+        base: the segmenter to share.
+        method: base attention, one of :func:`resclip.list_methods`.
+        rcs, sfr: turn the module on or off; None keeps ``base``'s choice.
+
+    Raises:
+        ValueError: unknown method; a module ``base`` was built without; SFR on a method without
+            attention scores.
+    """
+    name = get_method(method).name
+    modules: dict[str, Any] = {}
+    for module, wanted in (("rcs", rcs), ("sfr", sfr)):
+        settings = getattr(base.config, module)
+        if wanted and settings is None:
+            raise ValueError(f"{name}+{module}: the shared segmenter was built without {module.upper()} "
+                             f"settings; create it with {module}=True")
+        modules[module] = settings if wanted or wanted is None else None
+    config = dataclasses.replace(base.config, method=name, **modules)
+    variant = copy.copy(base)  # everything else is shared or carried over unchanged
+    variant.engine = build_engine(base.engine.visual, config)
+    variant.config = config
+    return variant
+
+
 def create_segmenter(
     method: str = "naclip",
     rcs: bool = True,
@@ -119,15 +165,13 @@ def create_segmenter(
     chosen = apply_overrides(chosen, overrides)
     dev = resolve_device(device)
     resolve_precision(precision)
+    checkpoint = _local_checkpoint(model, pretrained)
+    before = file_identity(checkpoint) if checkpoint is not None else None
     loaded = load_clip(model, pretrained, device=dev, precision=precision)
-    visual: Any = loaded.model.visual
-    engine = DenseEngine(
-        visual,
-        base,
-        chosen.rcs if rcs else None,
-        chosen.sfr if sfr else None,
-        trunk_attention=trunk_attention or chosen.trunk_attention,
-    )
+    # remembered per file only if the file did not change while it was being read
+    same = before is not None and checkpoint is not None and file_identity(checkpoint) == before
+    variant = f"{loaded.info.arch}|{precision}"
+    visual_digest, text_digest = weights_digests(loaded.model, before if same else None, variant)
     config = SegmenterConfig(
         method=base.name,
         rcs=chosen.rcs if rcs else None,
@@ -138,12 +182,16 @@ def create_segmenter(
         model=loaded.info.arch,
         pretrained=loaded.info.pretrained,
         precision=precision,
+        trunk_attention=trunk_attention or chosen.trunk_attention,
     )
+    engine = build_engine(loaded.model.visual, config)
     # not `text_cache or None`: an empty EmbeddingCache has len() == 0 and would be dropped
     cache = EmbeddingCache() if text_cache is True else (None if text_cache is False else text_cache)
     if pretrained is None:
         cache = None  # random weights: nothing worth keeping
-    fingerprint = f"{loaded.info.arch}|{text_fingerprint(loaded.model)}|{precision}"
+    # the text tower's full sha256 (and how it runs): keys the text-embedding cache
+    quick = "quickgelu" if loaded.info.quick_gelu else "gelu"
+    fingerprint = f"{loaded.info.arch}|{precision}|{quick}|{text_digest}"
     return Segmenter(
         engine,
         loaded.model,
@@ -153,4 +201,14 @@ def create_segmenter(
         window_batch=window_batch,
         text_cache=cache,
         fingerprint=fingerprint,
+        visual_digest=visual_digest,
     )
+
+
+def _local_checkpoint(model: str | None, pretrained: str | None) -> Path | None:
+    """The checkpoint file ``load_clip`` will read, or None (a tag, random weights, or a bad name that
+    ``load_clip`` reports itself)."""
+    try:
+        return _checkpoint_path(pretrained, _resolve_model_name(model) if model is not None else None)
+    except (ValueError, OSError):
+        return None

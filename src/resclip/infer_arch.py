@@ -26,34 +26,8 @@ def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
 def build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: bool) -> tuple[nn.Module, str]:
     """Build on the meta device (no storage, filled by :func:`load_strict`) a CLIP whose dimensions
     are read from an OpenAI-layout state dict."""
-    missing = [k for k in OPENAI_REQUIRED_KEYS if k not in state]
-    if missing:
-        raise ValueError(
-            f"pretrained={str(path)!r}: cannot infer the architecture (missing {missing}); this is not an "
-            "OpenAI-layout ViT CLIP. Name the architecture with model=, e.g. model='ViT-B-16'."
-        )
-    conv = state["visual.conv1.weight"]
-    width, patch = int(conv.shape[0]), int(conv.shape[-1])
-    n_pos = int(state["visual.positional_embedding"].shape[0])
-    grid = math.isqrt(n_pos - 1)
-    if grid * grid + 1 != n_pos:
-        raise ValueError(
-            f"pretrained={str(path)!r}: visual.positional_embedding has {n_pos} rows, not 1 + a square"
-        )
-    text_width = int(state["ln_final.weight"].shape[0])
-    shape = {
-        "embed_dim": int(state["text_projection"].shape[1]),
-        "v_width": width,
-        "v_layers": _layer_count(state, "visual.transformer.resblocks."),
-        "patch": patch,
-        "image": grid * patch,
-        "v_mlp": int(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-        "ctx": int(state["positional_embedding"].shape[0]),
-        "vocab": int(state["token_embedding.weight"].shape[0]),
-        "t_width": text_width,
-        "t_layers": _layer_count(state, "transformer.resblocks."),
-        "t_mlp": int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-    }
+    shape = _shape_summary(state, path)
+    width, text_width, patch = shape["v_width"], shape["t_width"], shape["patch"]
     match, v_heads, t_heads = _match_registered(shape)
     name = match or f"vit-w{width}-l{shape['v_layers']}-p{patch}-i{shape['image']}"
     if match is None:
@@ -87,6 +61,37 @@ def build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: bo
             shape["embed_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu
         )
     return net, f"inferred-{name}"
+
+
+def _shape_summary(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, int]:
+    """The dimensions that decide an architecture, read from an OpenAI-layout state dict."""
+    missing = [k for k in OPENAI_REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(
+            f"pretrained={str(path)!r}: cannot infer the architecture (missing {missing}); this is not an "
+            "OpenAI-layout ViT CLIP. Name the architecture with model=, e.g. model='ViT-B-16'."
+        )
+    conv = state["visual.conv1.weight"]
+    width, patch = int(conv.shape[0]), int(conv.shape[-1])
+    n_pos = int(state["visual.positional_embedding"].shape[0])
+    grid = math.isqrt(n_pos - 1)
+    if grid * grid + 1 != n_pos:
+        raise ValueError(
+            f"pretrained={str(path)!r}: visual.positional_embedding has {n_pos} rows, not 1 + a square"
+        )
+    return {
+        "embed_dim": int(state["text_projection"].shape[1]),
+        "v_width": width,
+        "v_layers": _layer_count(state, "visual.transformer.resblocks."),
+        "patch": patch,
+        "image": grid * patch,
+        "v_mlp": int(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        "ctx": int(state["positional_embedding"].shape[0]),
+        "vocab": int(state["token_embedding.weight"].shape[0]),
+        "t_width": int(state["ln_final.weight"].shape[0]),
+        "t_layers": _layer_count(state, "transformer.resblocks."),
+        "t_mlp": int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+    }
 
 
 def _mlp_ratio(hidden: int, width: int) -> float:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-NO_BG = ("voc20", "context59", "coco_stuff", "cityscapes", "ade20k")
-WITH_BG = ("voc21", "context60", "coco_object")
+from .datasets import DATASETS
+
+# the paper groups the benchmarks by whether class 0 is a background class (Tables 1 and 2)
+NO_BG = tuple(name for name, spec in DATASETS.items() if not spec.background)
+WITH_BG = tuple(name for name, spec in DATASETS.items() if spec.background)
 
 # backbone label -> (open_clip architecture, weights tag)
 BACKBONES: dict[str, tuple[str, str]] = {

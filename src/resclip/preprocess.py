@@ -32,6 +32,11 @@ def _pil_to_rgb(img: Image.Image, what: str = "image") -> np.ndarray:
                 f"{what} (mode {img.mode}) contains NaN or inf pixel values; expected finite values"
             )
         top = arr.max() if arr.size else 0.0
+        if top < 0:
+            raise ValueError(
+                f"{what} (mode {img.mode}) has only negative pixel values (largest {top:g}); it would "
+                "become all black: expected intensities >= 0 (rescale it, e.g. to 0..1 or 0..255)"
+            )
         arr = np.zeros_like(arr) if top <= 0 else arr / top * 255.0
         img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):

@@ -2,13 +2,16 @@
 protocol, and the paper's printed settings.
 
 Names: ``<dataset>`` (= ``resclip/<dataset>``), ``sclip/<dataset>``, ``naclip/<dataset>``,
-``clearclip/<dataset>``, ``paper/<dataset>``, and ``default`` for everyday photos.
+``clearclip/<dataset>``, ``sc_clip/<dataset>``, ``sfp/<dataset>``, ``paper/<dataset>``, and
+``default`` for everyday photos.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from pathlib import Path
+from typing import Literal, NamedTuple
 
 from .protocol import Protocol
 from .rcs import RCSConfig
@@ -45,6 +48,8 @@ class Preset:
         trunk_attention: how blocks 1..L-1 compute attention: ``"explicit"`` as the released
             ResCLIP code (it keeps every map), ``"fused"`` as the baseline repositories
             (``nn.MultiheadAttention``); the two differ by float rounding only (~1e-5).
+        class_file: a shipped class-name file (``data/class_names/``) that replaces the
+            dataset's own for this repository's protocol, or None.
     """
 
     name: str
@@ -55,6 +60,13 @@ class Preset:
     fidelity: Fidelity
     description: str
     trunk_attention: str = "fused"
+    class_file: str | None = None
+
+    def class_file_path(self) -> Path | None:
+        """The shipped class file this preset names, or None (use the dataset's own)."""
+        if self.class_file is None:
+            return None
+        return Path(__file__).parent / "data" / "class_names" / self.class_file
 
 
 def official_sfr(lam: float, tau: float, temp_thd: float) -> SFRConfig:
@@ -98,28 +110,49 @@ def to_fidelity(preset: Preset, fidelity: Fidelity) -> Preset:
     raise ValueError(f"fidelity must be 'official' or 'paper', got {fidelity!r}")
 
 
-# dataset: (short side, slide crop, prob_thd, temp_thd, lambda_rcs, tau_sfr, lambda_sfr), released configs
+class Released(NamedTuple):
+    """One dataset's settings in the released ResCLIP configs (``configs/cfg_<dataset>.py``)."""
+
+    short_side: int  # resize: short side in pixels
+    slide_crop: int  # sliding window size; 0 = whole image
+    prob_thd: float  # background threshold on class probabilities
+    temp_thd: float  # SFR first-pass confidence threshold ("AdaThr")
+    lambda_rcs: float
+    tau_sfr: float
+    lambda_sfr: float
+
+
 _RELEASED = {
-    "voc21": (336, 0, 0.1, 0.50, 0.3, 2.2, 0.7),
-    "context60": (336, 224, 0.1, 0.30, 0.3, 1.8, 0.7),
-    "coco_object": (336, 224, 0.1, 0.11, 0.4, 1.8, 0.7),
-    "voc20": (336, 0, 0.0, 0.10, 0.6, 2.1, 0.6),
-    "cityscapes": (560, 224, 0.0, 0.10, 0.2, 2.1, 0.6),
-    "context59": (336, 224, 0.0, 0.25, 0.4, 1.8, 0.7),
-    "ade20k": (336, 224, 0.0, 0.25, 0.3, 2.1, 0.7),
-    "coco_stuff": (336, 224, 0.0, 0.11, 0.4, 1.8, 0.7),
+    "voc21": Released(short_side=336, slide_crop=0, prob_thd=0.1, temp_thd=0.50,
+                      lambda_rcs=0.3, tau_sfr=2.2, lambda_sfr=0.7),
+    "context60": Released(short_side=336, slide_crop=224, prob_thd=0.1, temp_thd=0.30,
+                          lambda_rcs=0.3, tau_sfr=1.8, lambda_sfr=0.7),
+    "coco_object": Released(short_side=336, slide_crop=224, prob_thd=0.1, temp_thd=0.11,
+                            lambda_rcs=0.4, tau_sfr=1.8, lambda_sfr=0.7),
+    "voc20": Released(short_side=336, slide_crop=0, prob_thd=0.0, temp_thd=0.10,
+                      lambda_rcs=0.6, tau_sfr=2.1, lambda_sfr=0.6),
+    "cityscapes": Released(short_side=560, slide_crop=224, prob_thd=0.0, temp_thd=0.10,
+                           lambda_rcs=0.2, tau_sfr=2.1, lambda_sfr=0.6),
+    "context59": Released(short_side=336, slide_crop=224, prob_thd=0.0, temp_thd=0.25,
+                          lambda_rcs=0.4, tau_sfr=1.8, lambda_sfr=0.7),
+    "ade20k": Released(short_side=336, slide_crop=224, prob_thd=0.0, temp_thd=0.25,
+                       lambda_rcs=0.3, tau_sfr=2.1, lambda_sfr=0.7),
+    "coco_stuff": Released(short_side=336, slide_crop=224, prob_thd=0.0, temp_thd=0.11,
+                           lambda_rcs=0.4, tau_sfr=1.8, lambda_sfr=0.7),
 }
 
 _BACKGROUND = ("voc21", "context60", "coco_object")
 
 
 def _resclip(ds: str) -> Preset:
-    short, crop, prob, temp, lam_rcs, tau_sfr, lam_sfr = _RELEASED[ds]
+    r = _RELEASED[ds]
     return Preset(
         name=ds,
-        protocol=Protocol(short_side=short, slide_crop=crop, slide_stride=112, prob_thd=prob),
-        rcs=RCSConfig(lam=lam_rcs, tau=2.0, layers=(6, 7, 8, 9)),
-        sfr=official_sfr(lam_sfr, tau_sfr, temp),
+        protocol=Protocol(
+            short_side=r.short_side, slide_crop=r.slide_crop, slide_stride=112, prob_thd=r.prob_thd
+        ),
+        rcs=RCSConfig(lam=r.lambda_rcs, tau=2.0, layers=(6, 7, 8, 9)),
+        sfr=official_sfr(r.lambda_sfr, r.tau_sfr, r.temp_thd),
         dataset=ds,
         fidelity="official",
         description=f"released ResCLIP config for {ds}",
@@ -127,50 +160,88 @@ def _resclip(ds: str) -> Preset:
     )
 
 
+def _repository(ds: str, family: str, protocol: Protocol, title: str) -> Preset:
+    """A baseline repository's own protocol for ``ds`` (ResCLIP's module settings, fused trunk)."""
+    return replace(_resclip(ds), name=f"{family}/{ds}", protocol=protocol, trunk_attention="fused",
+                   description=f"{title} repository protocol for {ds}")
+
+
 def _naclip(ds: str) -> Preset:
-    base = _resclip(ds)
-    return replace(
-        base,
-        name=f"naclip/{ds}",
-        protocol=replace(base.protocol, pamr_steps=10),
-        trunk_attention="fused",
-        description=f"NACLIP repository protocol for {ds} (PAMR on the output)",
-    )
+    proto = replace(_resclip(ds).protocol, pamr_steps=10)
+    return replace(_repository(ds, "naclip", proto, "NACLIP"),
+                   description=f"NACLIP repository protocol for {ds} (PAMR on the output)")
 
 
 def _sclip(ds: str) -> Preset:
-    base = _resclip(ds)
-    logit = {"voc21": 65.0, "context60": 50.0, "coco_object": 50.0}.get(ds, 40.0)
-    short = {"coco_stuff": 448, "cityscapes": 560}.get(ds, 336)
     proto = Protocol(
-        short_side=short,
+        short_side={"coco_stuff": 448, "cityscapes": 560}.get(ds, 336),
         slide_crop=224,
         slide_stride=112,
-        logit_scale=logit,
+        logit_scale={"voc21": 65.0, "context60": 50.0, "coco_object": 50.0}.get(ds, 40.0),
         prob_thd=0.1 if ds in _BACKGROUND else 0.0,
         area_thd=0.1 if ds == "voc21" else None,
     )
-    return replace(
-        base,
-        name=f"sclip/{ds}",
-        protocol=proto,
-        trunk_attention="fused",
-        description=f"SCLIP repository protocol for {ds}",
-    )
+    return _repository(ds, "sclip", proto, "SCLIP")
 
 
 def _clearclip(ds: str) -> Preset:
-    base = _resclip(ds)
     crop, stride = (224, 224) if ds == "cityscapes" else (448, 224)
     prob = {"voc21": 0.5, "context60": 0.15, "coco_object": 0.4}.get(ds, 0.0)
     proto = Protocol(short_side=448, slide_crop=crop, slide_stride=stride, logit_scale=50.0, prob_thd=prob)
-    return replace(
-        base,
-        name=f"clearclip/{ds}",
-        protocol=proto,
-        trunk_attention="fused",
-        description=f"ClearCLIP repository protocol for {ds}",
-    )
+    return _repository(ds, "clearclip", proto, "ClearCLIP")
+
+
+class RepoProtocol(NamedTuple):
+    """One dataset's post-processing in a baseline repository's config (slide 224/112, no PAMR)."""
+
+    logit_scale: float
+    prob_thd: float
+    area_thd: float | None = None
+    short_side: int = 336
+
+
+# SC-CLIP release (SuleBai/SC-CLIP @0417ba9), configs/cfg_<dataset>.py
+_SC_CLIP = {
+    "voc21": RepoProtocol(logit_scale=50.0, prob_thd=0.15, area_thd=0.1),
+    "context60": RepoProtocol(logit_scale=40.0, prob_thd=0.15),
+    "coco_object": RepoProtocol(logit_scale=55.0, prob_thd=0.35),
+    "voc20": RepoProtocol(logit_scale=40.0, prob_thd=0.0),
+    "cityscapes": RepoProtocol(logit_scale=40.0, prob_thd=0.0, short_side=560),
+    "context59": RepoProtocol(logit_scale=40.0, prob_thd=0.0),
+    "ade20k": RepoProtocol(logit_scale=40.0, prob_thd=0.0),
+    "coco_stuff": RepoProtocol(logit_scale=40.0, prob_thd=0.0),
+}
+
+
+def _from_table(table: dict[str, RepoProtocol], family: str, title: str) -> Callable[[str], Preset]:
+    def make(ds: str) -> Preset:
+        r = table[ds]
+        proto = Protocol(short_side=r.short_side, slide_crop=224, slide_stride=112,
+                         logit_scale=r.logit_scale, prob_thd=r.prob_thd, area_thd=r.area_thd)
+        return _repository(ds, family, proto, title)
+
+    return make
+
+
+# SFP release (Kimsure/SFP @2804f5b, SFP_ICCV/configs/cfg_<dataset>.py)
+_SFP = {
+    **_SC_CLIP,
+    "ade20k": RepoProtocol(logit_scale=40.0, prob_thd=0.0, short_side=384),
+}
+
+
+# SFP's voc21 / voc20 / city_scapes class files spell the person class "people"
+_SFP_CLASS_FILES = {ds: f"sfp_{CLASS_FILES[ds]}" for ds in ("voc21", "voc20", "cityscapes")}
+
+
+def _sfp_variant(make: Callable[[str], Preset]) -> Callable[[str], Preset]:
+    """SFP forms every trunk attention map explicitly (its release hooks each block's map) and
+    ships its own class files for three datasets."""
+    return lambda ds: replace(make(ds), trunk_attention="explicit", class_file=_SFP_CLASS_FILES.get(ds))
+
+
+_sc_clip = _from_table(_SC_CLIP, "sc_clip", "SC-CLIP")
+_sfp = _sfp_variant(_from_table(_SFP, "sfp", "SFP"))
 
 
 def _paper(ds: str) -> Preset:
@@ -191,7 +262,7 @@ def _paper(ds: str) -> Preset:
 def _build() -> dict[str, Preset]:
     table: dict[str, Preset] = {}
     for ds in DATASETS:
-        for make in (_resclip, _naclip, _sclip, _clearclip, _paper):
+        for make in (_resclip, _naclip, _sclip, _clearclip, _sc_clip, _sfp, _paper):
             p = make(ds)
             table[p.name] = p
         table[f"resclip/{ds}"] = replace(table[ds], name=f"resclip/{ds}")
@@ -225,6 +296,6 @@ def get_preset(name: str) -> Preset:
     if key not in PRESETS:
         raise ValueError(
             f"unknown preset {name!r}; valid: 'default', a dataset ({', '.join(DATASETS)}), or "
-            "'<family>/<dataset>' with family one of resclip, sclip, naclip, clearclip, paper"
+            "'<family>/<dataset>' with family one of resclip, sclip, naclip, clearclip, paper, sc_clip, sfp"
         )
     return PRESETS[key]

@@ -7,7 +7,29 @@ from dataclasses import dataclass
 
 import torch
 
-from .sfr import class_max
+
+def class_max(probs: torch.Tensor, query_to_class: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Max over each class's synonyms.
+
+    Args:
+        probs: ``(B, Q, ...)`` per-query probabilities (queries along ``dim``).
+        query_to_class: ``(Q,)`` int64 class index of each query.
+        dim: the query axis.
+
+    Returns:
+        ``probs`` with the ``Q`` queries along ``dim`` replaced by the ``C`` per-class maxima.
+    """
+    num_classes = int(query_to_class.max()) + 1
+    if num_classes == probs.shape[dim]:
+        return probs
+    dim = dim % probs.dim()
+    view = [1] * probs.dim()
+    view[dim] = -1
+    index = query_to_class.to(probs.device).view(view).expand_as(probs)
+    shape = list(probs.shape)
+    shape[dim] = num_classes
+    out = torch.full(shape, float("-inf"), dtype=probs.dtype, device=probs.device)
+    return out.scatter_reduce(dim, index, probs, reduce="amax", include_self=True)
 
 
 @dataclass(frozen=True)
@@ -69,10 +91,62 @@ class Protocol:
             raise ValueError(f"pamr_steps must be >= 0, got {self.pamr_steps}")
 
 
+QUERY_BLOCK = 64  # above this many queries, sums over queries run in this fixed order (see query_sum)
+
+
+def ensure_finite(tensor: torch.Tensor, stage: str, cause: str | None = None) -> torch.Tensor:
+    """Raise when ``tensor`` holds NaN or infinite values, naming the stage; return it otherwise.
+
+    One ``isfinite().all()``: negligible next to the computation that produced the tensor.
+
+    Raises:
+        ValueError: ``non-finite values in <stage> (NaN/inf): <cause>``.
+    """
+    if not bool(torch.isfinite(tensor).all()):
+        why = cause or (
+            "the checkpoint's weights are probably broken (e.g. scaled out of range); check the file "
+            "given as pretrained="
+        )
+        raise ValueError(f"non-finite values in {stage} (NaN/inf): {why}")
+    return tensor
+
+
+def block_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 as a pairwise tree of element-wise additions.
+
+    The order of the additions depends only on ``x.shape[0]`` (never on the other sizes, the
+    memory layout or the thread count, unlike ``Tensor.sum``), so a block gives the same bits
+    wherever it comes from.
+    """
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        pairs = x[:half] + x[half : 2 * half]
+        x = torch.cat([pairs, x[2 * half :]]) if x.shape[0] % 2 else pairs
+    return x[0]
+
+
+def query_sum(x: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of ``(n, ...)`` query terms over dim 0 in blocks of :data:`QUERY_BLOCK`.
+
+    Each block is summed by :func:`block_sum`, and the block sums are added in order to
+    ``total`` (a running sum of the preceding blocks, updated in place), so queries processed in
+    groups whose sizes are multiples of the block give the same bits as all queries at once.
+    """
+    for start in range(0, x.shape[0], QUERY_BLOCK):
+        part = block_sum(x[start : start + QUERY_BLOCK])
+        total = part.clone() if total is None else total.add_(part)
+    assert total is not None
+    return total
+
+
 def class_probabilities(
     logits: torch.Tensor, query_to_class: torch.Tensor, logit_scale: float
 ) -> torch.Tensor:
     """Softmax over queries, then the max over each class's synonyms.
+
+    Up to :data:`QUERY_BLOCK` queries this is ``torch.softmax``; above, the softmax's sum runs in
+    the fixed order of :func:`query_sum`, so that classes processed in groups reproduce it
+    exactly (the two differ by float rounding only).
 
     Args:
         logits: ``(Q, ...)`` cosine logits.
@@ -81,7 +155,12 @@ def class_probabilities(
     Returns:
         ``(C, ...)`` class probabilities (not renormalised).
     """
-    probs = torch.softmax(logit_scale * logits.float(), dim=0)
+    scaled = logit_scale * logits.float()
+    if scaled.shape[0] <= QUERY_BLOCK:
+        probs = torch.softmax(scaled, dim=0)
+    else:
+        terms = torch.exp(scaled - scaled.max(dim=0).values)
+        probs = terms.div_(query_sum(terms))
     return class_max(probs[None], query_to_class)[0]
 
 
@@ -123,7 +202,8 @@ def labels_from_logits(
     top, query = logits.max(dim=0)
     labels = query_to_class[query]
     if prob_thd > 0:
-        denom = torch.exp(logit_scale * (logits - top)).sum(dim=0)
+        terms = torch.exp(logit_scale * (logits - top))
+        denom = terms.sum(dim=0) if logits.shape[0] <= QUERY_BLOCK else query_sum(terms)
         labels = labels.masked_fill(denom.reciprocal() < prob_thd, 0)
     return labels
 
@@ -148,5 +228,11 @@ def predict_mask(
 
 
 def renormalise(class_probs: torch.Tensor) -> torch.Tensor:
-    """Divide class probabilities by their sum over classes (dim 0)."""
-    return class_probs / class_probs.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    """Divide class probabilities by their sum over classes (dim 0).
+
+    Above :data:`QUERY_BLOCK` classes the sum runs in :func:`query_sum`'s fixed order, which does
+    not depend on the band's shape.
+    """
+    if class_probs.shape[0] <= QUERY_BLOCK:
+        return class_probs / class_probs.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    return class_probs / query_sum(class_probs).clamp_min(1e-12)

@@ -8,7 +8,7 @@ import dataclasses
 import gc
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from .engine import DenseEngine
-from .fullres import DEFAULT_BUDGET, FullResolution
+from .fullres import DEFAULT_BUDGET, FullResolution, WindowLogits
 from .preprocess import ImageInput, load_image, normalise, rescale_size, resize_image, window_coords
-from .protocol import Protocol
+from .protocol import QUERY_BLOCK, Protocol, ensure_finite
 from .rcs import RCSConfig
 from .sfr import SFRConfig
 from .text import ClassSpec, EmbeddingCache, check_embeddings, parse_classes, query_embeddings
+
+
+def logits_size(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int]:
+    """The pixel size ``(Hc, Wc)`` of a batch of equally sized windows."""
+    y1, x1, y2, x2 = boxes[0]
+    return y2 - y1, x2 - x1
 
 
 def _trim_heap() -> None:
@@ -40,18 +46,30 @@ class SegResult:
         mask: ``(H, W)`` class indices at the original image size (uint8 up to 256 classes,
             see :func:`resclip.fullres.mask_dtype`).
         class_names: the ``C`` class names (first synonym of each class line).
-        logits: ``(Q, h1, w1)`` float32 query logits at the resized resolution (window average).
+        logits: ``(Q, h1, w1)`` float32 query logits at the resized resolution (window average);
+            with many classes they are not kept but rebuilt on first access (``Q * h1 * w1 * 4``
+            bytes).
         full: the band-wise full-resolution computation (``full.class_prob_rows(a, b)`` gives
             one band of probabilities without building the whole map).
     """
 
-    def __init__(self, mask: np.ndarray, class_names: list[str], logits: np.ndarray, full: FullResolution):
+    def __init__(
+        self, mask: np.ndarray, class_names: list[str], logits: np.ndarray | None, full: FullResolution
+    ):
         self.mask = mask
         self.class_names = class_names
-        self.logits = logits
+        self._logits = logits
         self.full = full
         self._probs: np.ndarray | None = None
         self._lock = threading.Lock()
+
+    @property
+    def logits(self) -> np.ndarray:
+        """``(Q, h1, w1)`` float32 window-averaged query logits at the resized resolution."""
+        with self._lock:
+            if self._logits is None:
+                self._logits = self.full.resized_logits().cpu().numpy()
+            return self._logits
 
     @property
     def probs(self) -> np.ndarray:
@@ -82,6 +100,7 @@ class SegmenterConfig:
     model: str
     pretrained: str | None
     precision: str
+    trunk_attention: str = "explicit"  # blocks 1..L-1: "explicit" (released ResCLIP) or "fused"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view."""
@@ -92,7 +111,14 @@ class Segmenter:
     """Segments images with a CLIP model and a training-free dense method.
 
     Use :func:`resclip.create_segmenter` to build one.
+
+    Attributes:
+        logits_budget: the most elements of the ``(Q, h1, w1)`` resized logits built whole; above
+            it (many classes), only the windows' patch logits are kept and the queries are
+            processed in groups (:class:`resclip.fullres.WindowLogits`), with identical results.
     """
+
+    logits_budget: int = 1 << 26  # 256 MiB of float32
 
     def __init__(
         self,
@@ -105,6 +131,7 @@ class Segmenter:
         text_cache: EmbeddingCache | None = None,
         fingerprint: str = "",
         band_budget: int = DEFAULT_BUDGET,
+        visual_digest: str = "",
     ) -> None:
         if window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {window_batch}")
@@ -118,6 +145,7 @@ class Segmenter:
         self.text_cache = text_cache
         self.fingerprint = fingerprint
         self.band_budget = band_budget
+        self.visual_digest = visual_digest  # sha256 of the visual tower's weights (resclip.digest)
 
     # ------------------------------------------------------------------ text
     @property
@@ -144,6 +172,12 @@ class Segmenter:
         else:
             emb = query_embeddings(
                 self.model, self.tokenizer, spec, fingerprint=self.fingerprint, cache=self.text_cache
+            )
+            ensure_finite(
+                emb,
+                "the text encoder's query embeddings",
+                "the checkpoint's text weights are probably broken (e.g. scaled out of range); check the "
+                "file given as pretrained=",
             )
         return spec, emb.to(self.device, torch.float32)
 
@@ -200,19 +234,35 @@ class Segmenter:
             ``(Q, h1, w1)`` float32.
         """
         _, _, h1, w1 = x.shape
-        p = self.protocol
-        boxes = window_coords(h1, w1, p.slide_crop, p.slide_stride)
         acc = torch.zeros(text.shape[0], h1, w1, device=x.device)
         count = torch.zeros(1, h1, w1, device=x.device)
+        for chunk, logits in self._windows(x, text, query_to_class):
+            up = F.interpolate(logits, size=logits_size(chunk), mode="bilinear", align_corners=False)
+            for (y1, x1, y2, x2), win in zip(chunk, up, strict=False):
+                acc[:, y1:y2, x1:x2] += win
+                count[:, y1:y2, x1:x2] += 1
+        return ensure_finite(acc.div_(count), "the sliding-window averaged logits")
+
+    def _windows(
+        self, x: torch.Tensor, text: torch.Tensor, query_to_class: torch.Tensor
+    ) -> Iterator[tuple[list[tuple[int, int, int, int]], torch.Tensor]]:
+        """``(boxes, (B, Q, h, w) patch logits)`` of every batch of sliding windows, in order."""
+        _, _, h1, w1 = x.shape
+        p = self.protocol
+        boxes = window_coords(h1, w1, p.slide_crop, p.slide_stride)
         for start in range(0, len(boxes), self.window_batch):
             chunk = boxes[start : start + self.window_batch]
             crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, x1, y2, x2 in chunk])
             logits = self.engine.window_logits(crops, text, query_to_class)
-            up = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
-            for (y1, x1, y2, x2), win in zip(chunk, up, strict=False):
-                acc[:, y1:y2, x1:x2] += win
-                count[:, y1:y2, x1:x2] += 1
-        return acc.div_(count)
+            yield chunk, ensure_finite(logits, "the image encoder's patch logits")
+
+    def window_logits(
+        self, x: torch.Tensor, text: torch.Tensor, query_to_class: torch.Tensor
+    ) -> WindowLogits:
+        """The windows' patch logits, from which :class:`WindowLogits` rebuilds any rows of
+        :meth:`image_logits` for any queries (memory: the patch grids, not the resized map)."""
+        _, _, h1, w1 = x.shape
+        return WindowLogits(h1, w1, list(self._windows(x, text, query_to_class)))
 
     @torch.inference_mode()
     def predict(
@@ -238,6 +288,10 @@ class Segmenter:
         spec, text = self.encode_classes(classes, embeddings)
         q2c = torch.tensor(spec.query_to_class, dtype=torch.int64, device=self.device)
         x = self.resized_input(rgb)
+        if text.shape[0] > QUERY_BLOCK and text.shape[0] * x.shape[-2] * x.shape[-1] > self.logits_budget:
+            # many classes: keep the windows' patch logits, process the queries in groups
+            full = self.full_resolution(self.window_logits(x, text, q2c), x, q2c, rgb.shape[:2])
+            return SegResult(mask=full.mask(), class_names=list(spec.names), logits=None, full=full)
         logits = self.image_logits(x, text, q2c)
         full = self.full_resolution(logits, x, q2c, rgb.shape[:2])
         return SegResult(
@@ -245,19 +299,32 @@ class Segmenter:
         )
 
     def full_resolution(
-        self, logits: torch.Tensor, x: torch.Tensor, query_to_class: torch.Tensor, size: tuple[int, int]
+        self,
+        logits: torch.Tensor | WindowLogits,
+        x: torch.Tensor,
+        query_to_class: torch.Tensor,
+        size: tuple[int, int],
     ) -> FullResolution:
         """Band-wise upsampling (+ PAMR if the protocol asks) and post-processing of ``logits``.
 
         Args:
-            logits: ``(Q, h1, w1)`` window-averaged logits; x: ``(1, 3, h1, w1)`` the resized input.
+            logits: ``(Q, h1, w1)`` window-averaged logits, or the :class:`WindowLogits` to rebuild
+                them from; x: ``(1, 3, h1, w1)`` the resized input.
             size: the original ``(H, W)``.
         """
         return FullResolution(
-            logits.float(),
+            logits.float() if isinstance(logits, torch.Tensor) else logits,
             x if self.protocol.pamr_steps > 0 else None,
             query_to_class,
             self.protocol,
             size,
             budget=self.band_budget,
         )
+
+    # ------------------------------------------------------------------ variants
+    def with_method(self, method: str, *, rcs: bool | None = None, sfr: bool | None = None) -> Segmenter:
+        """This segmenter with another base method or module choice, sharing its CLIP weights and
+        text cache (see :func:`resclip.factory.with_method`), e.g. ``seg.with_method("sclip", sfr=False)``."""
+        from .factory import with_method  # the factory builds engines; it imports this module
+
+        return with_method(self, method, rcs=rcs, sfr=sfr)

@@ -5,11 +5,17 @@ A first pass gives a segmentation; its patch label map ``M`` turns into a refine
 along keys with a 1-D Gaussian), which is mixed into the base method's pre-softmax scores in a
 second pass. Every place where the released code differs from the printed equations is one
 named field of :class:`SFRConfig`.
+
+Reading order: the settings; the equations in plain form (:func:`refinement_scores_reference`,
+one row ``S^i`` at a time, and :func:`sfr_mix`, Eq. 12); the first pass that yields ``M``; then
+the form the engine runs, :func:`refinement_scores`, which builds every row at once and which
+the tests compare with the plain form.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .pamr import CHANNEL_GROUP, pamr_affinity, pamr_propagate
+from .protocol import class_max
+from .sfr_paths import valid_path_connected, valid_path_line
 
 
 @dataclass(frozen=True)
@@ -78,14 +86,113 @@ class SFRConfig:
             raise ValueError(f"SFR smoothing_std must be > 0, got {self.smoothing_std}")
 
 
-# ----------------------------------------------------------------------------- label maps
+# ----------------------------------------------------------------------------- the equations
+
+
+def refinement_scores_reference(labels: torch.Tensor, cfg: SFRConfig) -> torch.Tensor:
+    """Eq. 7-11 as printed (plus the released normalisation), one query patch ``i`` at a time.
+
+    Plain Python over patch pairs in float64: slow, for reading and for the tests, which hold
+    :func:`refinement_scores` to it (valid paths exactly; scores to 1e-6, the float32 rounding
+    of the fast form's exponentials and kernel sums).
+
+    Args:
+        labels: ``(B, h, w)`` int64 patch labels ``M``.
+        cfg: SFR settings (path, decay, smoothing, normalisation).
+
+    Returns:
+        ``(B, T, T)`` float64 ``Ŝ`` with zero CLS row and column.
+    """
+    b, h, w = labels.shape
+    n, mx = h * w, max(h, w) - 1
+    out = torch.zeros(b, n + 1, n + 1, dtype=torch.float64)
+    for bi in range(b):
+        m = labels[bi].flatten().tolist()  # M in raster order: patch i sits at (i // w, i % w)
+        for i in range(n):
+            s = [float(m[j] == m[i]) for j in range(n)]  # Eq. 7: S^i_j = 1[M_i == M_j]
+            if cfg.distance_decay:
+                v = valid_paths_reference(labels[bi], i, cfg)  # V_j = 1: a valid path joins i and j
+                for j in range(n):
+                    d = max(abs(i // w - j // w), abs(i % w - j % w))  # Eq. 10: Chebyshev distance
+                    decay = math.exp(-d / mx) if mx > 0 else 1.0  # Eq. 9: D = exp(-d / max d)
+                    s[j] *= v[j] + (1 - v[j]) * decay  # Eq. 8 and 11: S^i ⊙ h(V, D)
+            s = _smooth_reference(s, cfg.smoothing_std)  # Eq. 11: φ, a 1-D Gaussian along keys j
+            if cfg.normalise:  # released: ReLU (a no-op on these scores), then rows sum to one
+                total = sum(max(x, 0.0) for x in s) + 1e-8
+                s = [max(x, 0.0) / total for x in s]
+            out[bi, 1 + i, 1:] = torch.tensor(s, dtype=torch.float64)
+        if cfg.normalise:  # released: divide by the window's largest score
+            out[bi] /= max(out[bi].max().item(), 1e-12)
+    return out
+
+
+def valid_paths_reference(grid: torch.Tensor, i: int, cfg: SFRConfig) -> list[float]:
+    """``V`` of query patch ``i`` against every key patch ``j`` of an ``(h, w)`` label grid.
+
+    ``path="connected"`` (paper): j lies in i's connected same-label region. ``path="line"``
+    (released): the first ``d(i, j) + 1`` of ``Mx + 1`` evenly spaced points on the segment
+    i -> j, each rounded half to even in float32, all carry i's label.
+    """
+    h, w = grid.shape
+    m = grid.tolist()
+    ri, ci = divmod(i, w)
+    if cfg.path == "connected":
+        steps = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy or dx)]
+        steps = [(dy, dx) for dy, dx in steps if cfg.connectivity == 8 or not (dy and dx)]
+        region, todo = {(ri, ci)}, [(ri, ci)]
+        while todo:  # flood fill from i over neighbours with i's label
+            r, c = todo.pop()
+            for nb in ((r + dy, c + dx) for dy, dx in steps):
+                if 0 <= nb[0] < h and 0 <= nb[1] < w and nb not in region and m[nb[0]][nb[1]] == m[ri][ci]:
+                    region.add(nb)
+                    todo.append(nb)
+        return [float(divmod(j, w) in region) for j in range(h * w)]
+    t = torch.linspace(0, 1, max(h, w), dtype=torch.float32)
+    out = []
+    for j in range(h * w):
+        rj, cj = divmod(j, w)
+        tk = t[: max(abs(ri - rj), abs(ci - cj)) + 1]
+        rows = torch.round(ri * (1 - tk) + rj * tk).long().tolist()
+        cols = torch.round(ci * (1 - tk) + cj * tk).long().tolist()
+        out.append(float(all(m[r][c] == m[ri][ci] for r, c in zip(rows, cols, strict=True))))
+    return out
+
+
+def _smooth_reference(row: list[float], std: float) -> list[float]:
+    """φ: ``row`` convolved with a normalised Gaussian of ``K = min(N, int(6 std + 1))`` taps, made
+    odd, zero beyond both ends (the released kernel)."""
+    n = len(row)
+    size = min(n, int(6 * std + 1))
+    size += 1 - size % 2
+    taps = [math.exp(-((t - size // 2) ** 2) / (2 * std * std)) for t in range(size)]
+    taps = [g / sum(taps) for g in taps]
+    shifts = [t - size // 2 for t in range(size)]
+    return [sum(g * row[j + o] for g, o in zip(taps, shifts, strict=True) if 0 <= j + o < n)
+            for j in range(n)]
+
+
+def sfr_mix(scores: torch.Tensor, refine: torch.Tensor, cfg: SFRConfig) -> torch.Tensor:
+    """Eq. 12 with the released multiplier: ``tau * ((1 - lam) * S + lam * Ŝ)``.
+
+    Args:
+        scores: ``(B, H, T, T)`` float32 base scores.
+        refine: ``(B, 1, T, T)`` float32 refinement scores.
+
+    Returns:
+        ``(B, H, T, T)`` float32.
+    """
+    # The released code casts Ŝ to fp16 and multiplies by lam there, even on an fp32 model.
+    weighted = (cfg.lam * refine.half()).float() if cfg.fp16_scores else cfg.lam * refine
+    out = torch.mul(scores, 1.0 - cfg.lam)  # one (B, H, T, T) buffer, updated in place
+    out += weighted
+    return out.mul_(cfg.tau)
+
+
+# ----------------------------------------------------------------------------- the first pass: M
 
 
 def pixel_labels(
-    logits: torch.Tensor,
-    crops: torch.Tensor,
-    cfg: SFRConfig,
-    query_to_class: torch.Tensor,
+    logits: torch.Tensor, crops: torch.Tensor, cfg: SFRConfig, query_to_class: torch.Tensor
 ) -> torch.Tensor:
     """Per-pixel labels of the first pass.
 
@@ -98,54 +205,51 @@ def pixel_labels(
     Returns:
         ``(B, Hc, Wc)`` int64 labels (query or class indices); low-confidence pixels are 0.
     """
-    size = crops.shape[-2:]
-    steps, dil = cfg.first_pass_pamr_steps, cfg.first_pass_pamr_dilations
     b, q = logits.shape[:2]
+    size = crops.shape[-2:]
     out = torch.empty((b, *size), dtype=torch.int64, device=logits.device)
     scores = torch.empty(*size, q, device=logits.device)  # one window's refined logits, queries last
-    group = CHANNEL_GROUP
-    band = max(1, (1 << 20) // max(1, size[1] * q))
-    for i in range(b):  # one window at a time, a few queries at a time: the maps stay in cache
-        aff = pamr_affinity(crops[i : i + 1].float(), dil)[0] if steps > 0 else None
-        for start in range(0, q, group):
-            part = logits[i : i + 1, start : start + group].float()
-            up = F.interpolate(part, size=size, mode="bilinear", align_corners=False)[0]
-            target = scores[:, :, start : start + group].permute(2, 0, 1)
-            if aff is None:
-                target.copy_(up)
-            else:
-                pamr_propagate(aff, up, steps, dil, out=target)
-        for r0 in range(0, size[0], band):  # softmax over queries, a band of rows at a time
-            probs = torch.softmax(cfg.first_pass_logit_scale * scores[r0 : r0 + band], dim=-1)
-            if cfg.label_level == "class":
-                probs = class_max(probs, query_to_class, dim=-1)
-            conf, labels = probs.max(dim=-1)
-            out[i, r0 : r0 + band] = labels.masked_fill(conf < cfg.confidence_thd, 0)
+    for i in range(b):  # one window at a time: its maps stay in cache
+        _refined_logits(logits[i : i + 1], crops[i : i + 1], cfg, out=scores)
+        _labels_by_bands(scores, cfg, query_to_class, out=out[i])
     return out
 
 
-def class_max(probs: torch.Tensor, query_to_class: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Max over each class's synonyms.
+def _refined_logits(logits: torch.Tensor, crop: torch.Tensor, cfg: SFRConfig, out: torch.Tensor) -> None:
+    """One window's ``(1, Q, h, w)`` logits upsampled to the crop and PAMR-refined into ``out``
+    ``(Hc, Wc, Q)``.
 
-    Args:
-        probs: ``(B, Q, ...)`` per-query probabilities (queries along ``dim``).
-        query_to_class: ``(Q,)`` int64 class index of each query.
-        dim: the query axis.
-
-    Returns:
-        ``probs`` with the ``Q`` queries along ``dim`` replaced by the ``C`` per-class maxima.
+    Trick: ``CHANNEL_GROUP`` queries at a time keep the maps in cache, and queries-last storage is
+    what PAMR's sparse form writes without a transpose and what the softmax over queries reads.
     """
-    num_classes = int(query_to_class.max()) + 1
-    if num_classes == probs.shape[dim]:
-        return probs
-    dim = dim % probs.dim()
-    view = [1] * probs.dim()
-    view[dim] = -1
-    index = query_to_class.to(probs.device).view(view).expand_as(probs)
-    shape = list(probs.shape)
-    shape[dim] = num_classes
-    out = torch.full(shape, float("-inf"), dtype=probs.dtype, device=probs.device)
-    return out.scatter_reduce(dim, index, probs, reduce="amax", include_self=True)
+    steps, dil = cfg.first_pass_pamr_steps, cfg.first_pass_pamr_dilations
+    aff = pamr_affinity(crop.float(), dil)[0] if steps > 0 else None
+    for start in range(0, logits.shape[1], CHANNEL_GROUP):
+        part = logits[:, start : start + CHANNEL_GROUP].float()
+        up = F.interpolate(part, size=out.shape[:2], mode="bilinear", align_corners=False)[0]
+        target = out[:, :, start : start + CHANNEL_GROUP].permute(2, 0, 1)
+        if aff is None:
+            target.copy_(up)
+        else:
+            pamr_propagate(aff, up, steps, dil, out=target)
+
+
+def _labels_by_bands(
+    scores: torch.Tensor, cfg: SFRConfig, query_to_class: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Softmax over queries, class maxima (class level), arg-max and the confidence threshold of
+    ``(Hc, Wc, Q)`` refined logits into ``out`` ``(Hc, Wc)``.
+
+    Trick: a band of rows at a time bounds the probability buffer to about 2^20 elements.
+    """
+    rows, cols, q = scores.shape
+    band = max(1, (1 << 20) // max(1, cols * q))
+    for r0 in range(0, rows, band):
+        probs = torch.softmax(cfg.first_pass_logit_scale * scores[r0 : r0 + band], dim=-1)
+        if cfg.label_level == "class":
+            probs = class_max(probs, query_to_class, dim=-1)
+        conf, labels = probs.max(dim=-1)
+        out[r0 : r0 + band] = labels.masked_fill(conf < cfg.confidence_thd, 0)
 
 
 def patch_mode(labels: torch.Tensor, patch: int, num_labels: int) -> torch.Tensor:
@@ -168,130 +272,57 @@ def patch_mode(labels: torch.Tensor, patch: int, num_labels: int) -> torch.Tenso
     return counts.argmax(dim=2).view(b, h, w)
 
 
-# ----------------------------------------------------------------------------- valid paths
+# ----------------------------------------------------------------------------- the fast form
 
 
-@functools.lru_cache(maxsize=16)
-def _line_axis(n: int, mx: int) -> torch.Tensor:
-    """``(n, n, mx+1)`` int64: ``round(a * (1 - t_k) + b * t_k)`` for grid coordinates ``a, b < n``.
+@dataclass
+class RefinementTrace:
+    """Intermediates of :func:`refinement_scores`, filled when one is passed to it.
 
-    ``t = linspace(0, 1, mx + 1)`` in float32, half-to-even rounding (the released sampling).
+    Attributes:
+        valid_path: ``(B, N, N)`` bool ``V`` (row = query patch i); None without ``distance_decay``.
+        prenorm: ``(B, T, T)`` ``Ŝ`` before the released global-max normalisation.
     """
-    t = torch.linspace(0, 1, mx + 1, dtype=torch.float32)
-    a = torch.arange(n, dtype=torch.float32)
-    return torch.round(a[:, None, None] * (1 - t) + a[None, :, None] * t).long()
+
+    valid_path: torch.Tensor | None = None
+    prenorm: torch.Tensor | None = None
 
 
-def _line_rows(h: int, w: int, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of the ``(N, N, Mx+1)`` table of patch indices along each segment i -> j.
-
-    Sample k of pair (i, j) is the patch at ``round(p_i * (1 - t_k) + p_j * t_k)`` (per axis),
-    for ``k <= d(i, j)`` (Chebyshev distance); later samples repeat ``i`` so that they never fail
-    the check. Rows and columns are sampled independently, so only two small per-axis tables
-    are cached and the ``N^2 (Mx+1)`` table is built a block of rows at a time.
-
-    Returns:
-        ``(stop - start, N, Mx+1)`` int64.
-    """
-    mx = max(h, w) - 1
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
-    qi = torch.arange(start, stop)
-    pr = _line_axis(h, mx)[rows[qi]][:, rows]  # (c, N, K)
-    pc = _line_axis(w, mx)[cols[qi]][:, cols]
-    steps = torch.maximum((rows[qi, None] - rows).abs(), (cols[qi, None] - cols).abs())
-    beyond = torch.arange(mx + 1) > steps[:, :, None]
-    return torch.where(beyond, qi[:, None, None], pr * w + pc)
-
-
-def _rows_per_block(n: int, k: int) -> int:
-    return max(1, (1 << 19) // max(1, n * k))  # int64 blocks of at most 4 MiB
-
-
-@functools.lru_cache(maxsize=4)
-def _line_table_on(h: int, w: int, device: torch.device) -> torch.Tensor:
-    return _line_table(h, w).to(device)  # one copy per device, none on CPU
-
-
-@functools.lru_cache(maxsize=4)
-def _line_table(h: int, w: int) -> torch.Tensor:
-    """The whole ``(N, N, Mx+1)`` sample table of :func:`_line_rows`, in int16 (int32 from
-    32768 patches), built a block of rows at a time. A few grid sizes are kept: sliding windows
-    and most benchmark images share a handful of sizes.
-    """
-    n, k = h * w, max(h, w)
-    table = torch.empty(n, n, k, dtype=torch.int16 if n < 2**15 else torch.int32)
-    step = _rows_per_block(n, k)
-    for start in range(0, n, step):
-        table[start : start + step] = _line_rows(h, w, start, min(n, start + step))
-    return table
-
-
-def valid_path_line(labels: torch.Tensor) -> torch.Tensor:
-    """Released path check: every sampled point of the segment i -> j has i's label.
+def refinement_scores(
+    labels: torch.Tensor, cfg: SFRConfig, trace: RefinementTrace | None = None
+) -> torch.Tensor:
+    """``Ŝ`` of every query patch at once: :func:`refinement_scores_reference` in tensor form.
 
     Args:
-        labels: ``(B, h, w)`` int64 patch labels.
+        labels: ``(B, h, w)`` int64 patch labels ``M``.
+        cfg: SFR settings.
+        trace: receives ``V`` and the scores before normalisation, if given.
 
     Returns:
-        ``(B, N, N)`` bool, row = query patch i, column = key patch j.
+        ``(B, T, T)`` float32 with zero CLS row and column.
     """
     b, h, w = labels.shape
-    n, k = h * w, max(h, w)
-    table = _line_table_on(h, w, labels.device)
+    n = h * w
     flat = labels.reshape(b, n)
-    out = torch.empty(b, n, n, dtype=torch.bool, device=labels.device)
-    same = flat[:, :, None] == flat[:, None, :]  # (B, N, N): same[., i, m] = M(m) == M(i)
-    step = _rows_per_block(n, k)
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        idx = table[start:stop].reshape(stop - start, -1).long()
-        for bi in range(b):
-            ok = same[bi, start:stop].gather(1, idx).view(stop - start, n, k)
-            out[bi, start:stop] = ok.all(dim=-1)
-    return out
-
-
-def connected_components(labels: torch.Tensor, connectivity: int = 8) -> torch.Tensor:
-    """Label connected same-label regions of a patch grid.
-
-    Args:
-        labels: ``(B, h, w)`` int64.
-        connectivity: 4 or 8.
-
-    Returns:
-        ``(B, h, w)`` int64 component ids (the smallest flat index in each region).
-    """
-    b, h, w = labels.shape
-    big = h * w
-    comp = torch.arange(h * w, device=labels.device).view(1, h, w).expand(b, h, w).clone()
-    offsets = [(0, 1), (1, 0), (0, -1), (-1, 0)]
-    if connectivity == 8:
-        offsets += [(1, 1), (1, -1), (-1, 1), (-1, -1)]
-    pad_lab = F.pad(labels, (1, 1, 1, 1), value=-1)
-    while True:
-        pad_comp = F.pad(comp, (1, 1, 1, 1), value=big)
-        new = comp
-        for dy, dx in offsets:
-            nb_lab = pad_lab[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-            nb_comp = pad_comp[:, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-            new = torch.where(nb_lab == labels, torch.minimum(new, nb_comp), new)
-        if torch.equal(new, comp):
-            return comp
-        comp = new
-
-
-def valid_path_connected(labels: torch.Tensor, connectivity: int = 8) -> torch.Tensor:
-    """Paper's reading of the valid path: i and j lie in one connected same-label region.
-
-    Returns:
-        ``(B, N, N)`` bool.
-    """
-    comp = connected_components(labels, connectivity).flatten(1)
-    return comp[:, :, None] == comp[:, None, :]
-
-
-# ----------------------------------------------------------------------------- scores
+    s = (flat[:, :, None] == flat[:, None, :]).float()  # Eq. 7
+    if cfg.distance_decay:
+        line = cfg.path == "line"
+        valid = valid_path_line(labels) if line else valid_path_connected(labels, cfg.connectivity)
+        if trace is not None:
+            trace.valid_path = valid
+        v = valid.float()
+        s = s * (v + (1 - v) * _chebyshev_decay(h, w, labels.device))  # Eq. 8-10
+    s = smooth_rows(s, cfg.smoothing_std)  # Eq. 11
+    if cfg.normalise:
+        s = torch.relu(s)
+        s = s / (s.sum(dim=-1, keepdim=True) + 1e-8)
+    full = torch.zeros(b, n + 1, n + 1, device=labels.device)
+    full[:, 1:, 1:] = s
+    if trace is not None:
+        trace.prenorm = full
+    if cfg.normalise:
+        full = full / full.flatten(1).amax(dim=1).clamp_min(1e-12).view(b, 1, 1)
+    return full
 
 
 @functools.lru_cache(maxsize=8)
@@ -315,71 +346,9 @@ def _gaussian_kernel(n: int, std: float, device: torch.device) -> torch.Tensor:
 
 
 def smooth_rows(scores: torch.Tensor, std: float) -> torch.Tensor:
-    """Convolve each row with a normalised 1-D Gaussian along the flattened key axis.
-
-    Args:
-        scores: ``(B, N, N)`` float32.
-
-    Returns:
-        ``(B, N, N)``; zero padding at both ends of each row.
-    """
+    """φ of Eq. 11 on ``(B, N, N)`` float32 scores: each row convolved with a normalised 1-D
+    Gaussian along the flattened key axis, zero padding at both ends."""
     b, n, _ = scores.shape
     kernel = _gaussian_kernel(n, float(std), scores.device)
     out = F.conv1d(scores.reshape(b * n, 1, n), kernel, padding=kernel.shape[-1] // 2)
     return out.view(b, n, n)
-
-
-def refinement_scores(labels: torch.Tensor, cfg: SFRConfig, aux: dict | None = None) -> torch.Tensor:
-    """Build the SFR score ``Ŝ`` from a patch label map.
-
-    Args:
-        labels: ``(B, h, w)`` int64 patch labels ``M``.
-        cfg: SFR settings.
-        aux: optional dict receiving ``sfr_valid_path`` ``(B, N, N)`` and ``sfr_matrix_prenorm``
-            ``(B, T, T)`` (before the global max normalisation).
-
-    Returns:
-        ``(B, T, T)`` float32 with zero CLS row and column.
-    """
-    b, h, w = labels.shape
-    n = h * w
-    flat = labels.reshape(b, n)
-    s = (flat[:, :, None] == flat[:, None, :]).float()
-    if cfg.distance_decay:
-        if cfg.path == "line":
-            valid = valid_path_line(labels)
-        else:
-            valid = valid_path_connected(labels, cfg.connectivity)
-        if aux is not None:
-            aux["sfr_valid_path"] = valid
-        v = valid.float()
-        decay = _chebyshev_decay(h, w, labels.device)
-        s = s * (v + (1 - v) * decay)
-    s = smooth_rows(s, cfg.smoothing_std)
-    if cfg.normalise:
-        s = torch.relu(s)
-        s = s / (s.sum(dim=-1, keepdim=True) + 1e-8)
-    full = torch.zeros(b, n + 1, n + 1, device=labels.device)
-    full[:, 1:, 1:] = s
-    if aux is not None:
-        aux["sfr_matrix_prenorm"] = full
-    if cfg.normalise:
-        full = full / full.flatten(1).amax(dim=1).clamp_min(1e-12).view(b, 1, 1)
-    return full
-
-
-def sfr_mix(scores: torch.Tensor, refine: torch.Tensor, cfg: SFRConfig) -> torch.Tensor:
-    """Eq. 12 with the released multiplier: ``tau * ((1 - lam) * S + lam * Ŝ)``.
-
-    Args:
-        scores: ``(B, H, T, T)`` float32 base scores.
-        refine: ``(B, 1, T, T)`` float32 refinement scores.
-
-    Returns:
-        ``(B, H, T, T)`` float32.
-    """
-    # The released code casts Ŝ to fp16 and multiplies by lam there, even on an fp32 model.
-    weighted = (cfg.lam * refine.half()).float() if cfg.fp16_scores else cfg.lam * refine
-    out = torch.mul(scores, 1.0 - cfg.lam)  # one (B, H, T, T) buffer, updated in place
-    out += weighted
-    return out.mul_(cfg.tau)

@@ -33,7 +33,14 @@ def _axis(
     return i0, i1, 1.0 - w1, w1
 
 
-def bilinear_rows(x: torch.Tensor, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+def bilinear_rows(
+    x: torch.Tensor,
+    size: tuple[int, int],
+    start: int,
+    stop: int,
+    height: int | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Rows ``start..stop-1`` of the bilinear (``align_corners=False``) resize of ``x`` to ``size``.
 
     The band's rows are first blended from the two source rows each needs (with PyTorch's source
@@ -41,17 +48,29 @@ def bilinear_rows(x: torch.Tensor, size: tuple[int, int], start: int, stop: int)
     ``F.interpolate`` of the whole map up to float rounding (~1 ulp).
 
     Args:
-        x: ``(C, h, w)`` float tensor.
+        x: ``(C, h, w)`` float tensor, or rows ``offset..`` of a ``(C, height, w)`` map (at least
+            the rows from :func:`source_rows`).
         size: full output size ``(H, W)``.
         start, stop: output row range, ``0 <= start < stop <= H``.
+        height: the full source height when ``x`` holds only some of its rows.
+        offset: the source row that ``x[:, 0]`` is.
 
     Returns:
-        ``(C, stop - start, W)`` float tensor.
+        ``(C, stop - start, W)`` float tensor (the same values whether ``x`` is whole or a slab).
     """
-    _, h, _ = x.shape
+    h = x.shape[1] if height is None else height
     y0, y1, wy0, wy1 = _axis(h, size[0], start, stop, x.device)
+    if offset:
+        y0, y1 = y0 - offset, y1 - offset
     rows = wy0.to(x.dtype).view(1, -1, 1) * x[:, y0] + wy1.to(x.dtype).view(1, -1, 1) * x[:, y1]
     return F.interpolate(rows[None], size=(stop - start, size[1]), mode="bilinear", align_corners=False)[0]
+
+
+def source_rows(height: int, out_height: int, start: int, stop: int) -> tuple[int, int]:
+    """The source rows ``(first, last + 1)`` that output rows ``start..stop-1`` of a bilinear
+    resize from ``height`` to ``out_height`` rows read."""
+    y0, y1, _, _ = _axis(height, out_height, start, stop, torch.device("cpu"))
+    return int(y0.min()), int(y1.max()) + 1
 
 
 def bilinear_rows_exact(x: torch.Tensor, size: tuple[int, int], start: int, stop: int) -> torch.Tensor:

@@ -9,8 +9,8 @@ q-k attention RCS needs: there the attention is formed explicitly and averaged o
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,11 +32,17 @@ class TrunkOutput:
         x: ``(B, T, C)`` residual stream entering the last block.
         grid: patch grid ``(h, w)``.
         rcs_attn: ``(B, H, T, T)`` float32 mean q-k attention of the requested blocks, or None.
+        blocks: ``{i: (B, T, C)}`` outputs of the 0-based blocks a method asked to keep
+            (:meth:`~resclip.methods.BaseAttention.trunk_blocks`); empty otherwise.
+        attn: ``{i: (B, H, T, T)}`` float32 q-k attention maps of the blocks a method asked for
+            (:meth:`~resclip.methods.BaseAttention.trunk_attentions`); empty otherwise.
     """
 
     x: torch.Tensor
     grid: tuple[int, int]
     rcs_attn: torch.Tensor | None
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)
+    attn: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def num_blocks(visual: Tower) -> int:
@@ -161,8 +167,32 @@ def run_block(
     return _mlp_residual(block, x), kept
 
 
+def block_attentions(visual: Tower, images: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The plain q-k attention ``softmax(q k^T / sqrt(d))`` of unchanged blocks (what RCS averages).
+
+    Args:
+        images: ``(B, 3, H, W)`` normalised images.
+        blocks: 1-based block numbers.
+
+    Returns:
+        ``{block: (B, H, T, T) float32}`` for each requested block.
+    """
+    x, _ = embed_patches(visual, images)
+    maps = {}
+    for number, block in enumerate(visual.transformer.resblocks[: max(blocks)], start=1):
+        x, attn = run_block(block, x, keep_attn=number in blocks)
+        if attn is not None:
+            maps[number] = attn
+    return maps
+
+
 def encode_trunk(
-    visual: Tower, images: torch.Tensor, rcs_layers: tuple[int, ...] = (), explicit: bool = True
+    visual: Tower,
+    images: torch.Tensor,
+    rcs_layers: tuple[int, ...] = (),
+    explicit: bool = True,
+    keep_blocks: tuple[int, ...] = (),
+    keep_attn: tuple[int, ...] = (),
 ) -> TrunkOutput:
     """Run blocks 1..L-1 (0-based ``0..L-2``), averaging the attention of ``rcs_layers``.
 
@@ -172,17 +202,28 @@ def encode_trunk(
         explicit: form every block's attention explicitly (``softmax(q k^T s) @ v``, the released
             ResCLIP code's arithmetic, parity to ~1e-7); False uses fused attention where RCS does
             not need the map (faster, ~1e-5 token differences).
+        keep_blocks: 0-based indices (each < L-1) of blocks whose outputs are kept in
+            ``TrunkOutput.blocks``.
+        keep_attn: 0-based indices (each < L-1) of blocks whose attention maps are kept in
+            ``TrunkOutput.attn`` (formed explicitly).
     """
     x, grid = embed_patches(visual, images)
+    kept: dict[int, torch.Tensor] = {}
+    maps: dict[int, torch.Tensor] = {}
     blocks = visual.transformer.resblocks
     total: torch.Tensor | None = None
     for i in range(len(blocks) - 1):
         if i in rcs_layers and total is None:
             b, t = x.shape[:2]
             total = torch.zeros(b, blocks[i].attn.num_heads, t, t, device=x.device)
-        x, _ = run_block(blocks[i], x, explicit=explicit, attn_sum=total if i in rcs_layers else None)
+        x, attn = run_block(blocks[i], x, i in keep_attn, explicit=explicit,
+                            attn_sum=total if i in rcs_layers else None)
+        if attn is not None:
+            maps[i] = attn
+        if i in keep_blocks:
+            kept[i] = x
     mean = total / len(rcs_layers) if total is not None else None
-    return TrunkOutput(x=x, grid=grid, rcs_attn=mean)
+    return TrunkOutput(x=x, grid=grid, rcs_attn=mean, blocks=kept, attn=maps)
 
 
 def last_block_output(

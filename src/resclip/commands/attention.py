@@ -27,20 +27,15 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from ..classes import ClassSpec, load_classes
+from ..fileio import atomic_write
+from ..methods import get_method
 from ..preprocess import load_image, normalise, resize_image
 from ..segmenter import Segmenter
-from ..text import ClassSpec
-from ..vit import embed_patches, encode_trunk, last_block_qkv, num_blocks, patch_size, run_block
-from .common import UserError, add_model_arguments
-from .compare import Variant, hide_options, parse_variants, segmenter_variant, shared_segmenter
-from .segment import (
-    atomic_write,
-    check_class_lengths,
-    check_output,
-    class_lines,
-    cli_warnings,
-    validate_classes,
-)
+from ..vit import block_attentions, num_blocks, patch_size
+from .common import UserError, add_model_arguments, cli_warnings
+from .compare import Variant, hide_options, parse_variants, shared_segmenter
+from .segment import check_output
 
 NAME = "attention"
 HELP = "show the attention of one image patch across layers and methods (paper Fig. 1 / Fig. 3)"
@@ -99,6 +94,24 @@ def _row(attn: torch.Tensor, token: int, grid: tuple[int, int]) -> np.ndarray:
     return attn[0, :, token, 1:].float().mean(0).reshape(grid).cpu().numpy()
 
 
+def source_patch(
+    size: tuple[int, int], resized: tuple[int, int], point: tuple[float, float], patch: int
+) -> tuple[tuple[int, int], tuple[float, float]]:
+    """The patch ``(row, col)`` under ``point`` (pixels of an image of ``size`` = ``(H, W)``) once the
+    image is resized to ``resized``, and the point in resized pixels.
+
+    Raises:
+        ValueError: the point lies outside the image.
+    """
+    (height, width), (h1, w1) = size, resized
+    px, py = point
+    if not (0 <= px < width and 0 <= py < height):
+        raise ValueError(f"--point {px:g},{py:g} lies outside the {width}x{height} image")
+    sx, sy = px * w1 / width, py * h1 / height
+    grid = (h1 // patch, w1 // patch)
+    return (min(int(sy) // patch, grid[0] - 1), min(int(sx) // patch, grid[1] - 1)), (sx, sy)
+
+
 @torch.inference_mode()
 def attention_maps(
     base: Segmenter,
@@ -122,46 +135,29 @@ def attention_maps(
     Raises:
         ValueError: a point outside the image, an image too thin for one patch, SFR without classes.
     """
-    height, width = rgb.shape[:2]
-    px, py = point
-    if not (0 <= px < width and 0 <= py < height):
-        raise ValueError(f"--point {px:g},{py:g} lies outside the {width}x{height} image")
     visual = base.engine.visual
     patch = patch_size(visual)
     resized = resize_image(rgb, short_side, base.protocol.long_side)
-    h1, w1 = resized.shape[:2]
-    grid = (h1 // patch, w1 // patch)
+    (row, col), (sx, sy) = source_patch(rgb.shape[:2], resized.shape[:2], point, patch)
+    grid = (resized.shape[0] // patch, resized.shape[1] // patch)
     if min(grid) < 1:
+        height, width = rgb.shape[:2]
         raise ValueError(f"image is {width}x{height} pixels: too thin for one {patch}-pixel patch")
     shown = resized[: grid[0] * patch, : grid[1] * patch]
     x = normalise(shown).to(base.device)
-    sx, sy = px * w1 / width, py * h1 / height
-    row, col = min(int(sy) // patch, grid[0] - 1), min(int(sx) // patch, grid[1] - 1)
     token = 1 + row * grid[1] + col
-
-    layer_maps = []
-    tokens, _ = embed_patches(visual, x)
-    for index, block in enumerate(visual.transformer.resblocks[: max(layers)]):
-        tokens, attn = run_block(block, tokens, keep_attn=index + 1 in layers)
-        if attn is not None:
-            layer_maps.append((f"layer {index + 1} (q-k)", _row(attn, token, grid)))
-
+    blocks = block_attentions(visual, x, layers)
+    layer_maps = [(f"layer {n} (q-k)", _row(attn, token, grid)) for n, attn in blocks.items()]
+    text = q2c = None
+    if classes is not None:
+        text = classes[1]
+        q2c = torch.tensor(classes[0].query_to_class, dtype=torch.int64, device=base.device)
     method_maps = []
-    last = visual.transformer.resblocks[-1]
     for variant in variants:
-        engine = segmenter_variant(base, variant).engine
-        if variant.sfr:
-            if classes is None:
-                raise ValueError(f"{variant.label} uses SFR, which needs class names")
-            spec, emb = classes
-            q2c = torch.tensor(spec.query_to_class, dtype=torch.int64, device=base.device)
-            aux: dict[str, Any] = {}
-            engine.window_logits(x, emb, q2c, aux=aux)
-            attn = aux["final_attn"]
-        else:
-            trunk = encode_trunk(visual, x, engine.rcs_layers, engine.explicit)
-            q, k, _ = last_block_qkv(last, trunk.x)
-            attn = engine.attention(q, k, trunk.grid, trunk.rcs_attn, None)
+        if variant.sfr and classes is None:
+            raise ValueError(f"{variant.label} uses SFR, which needs class names")
+        attn = base.with_method(variant.method, rcs=variant.rcs, sfr=variant.sfr).engine.last_attention(
+            x, text, q2c)
         method_maps.append((variant.label, _row(attn, token, grid)))
     shown_point = (min(sx, shown.shape[1] - 0.5), min(sy, shown.shape[0] - 0.5))
     return AttentionMaps(shown, shown_point, (row, col), layer_maps, method_maps)
@@ -244,13 +240,17 @@ def run(args: argparse.Namespace) -> int:
     if args.size < 1:
         raise UserError(f"--size must be >= 1, got {args.size}")
     variants = parse_variants(args.methods) if args.methods.strip() else []
+    for v in variants:
+        if get_method(v.method).replaces_last_block:
+            raise UserError(f"--methods {v.method}: it replaces the last block with its own stage, so it has "
+                            "no single last-block attention map to show")
     out = Path(args.out).expanduser()
     if out.suffix.lower() not in FIGURE_SUFFIXES:
         raise UserError(f"--out {args.out!r}: use one of the extensions {', '.join(FIGURE_SUFFIXES)}")
     check_output(out, args.overwrite)
     spec = None
     if args.classes is not None or args.class_file is not None:
-        spec = validate_classes(*class_lines(args.classes, args.class_file))
+        spec = load_classes(args.classes, args.class_file)
     elif any(v.sfr for v in variants):
         print("resclip: note: no --classes given; methods with SFR are shown with RCS only", file=sys.stderr)
         variants = [replace(v, label=f"{v.label} (no SFR)", sfr=False) if v.sfr else v for v in variants]
@@ -260,7 +260,6 @@ def run(args: argparse.Namespace) -> int:
         layers = parse_layers(args.layers, num_blocks(base.engine.visual))
         classes = None
         if spec is not None:
-            check_class_lengths(base.tokenizer, spec)
             classes = base.encode_classes(cast(Any, spec))
         maps = attention_maps(base, rgb, point, layers, variants, classes, args.size)
     title = f"attention of the patch at ({point[0]:g}, {point[1]:g})"

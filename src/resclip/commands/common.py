@@ -1,12 +1,19 @@
-"""Options shared by the commands that build a segmenter."""
+"""What the commands share: model and run options, warnings as one line each, evaluation options."""
 
 from __future__ import annotations
 
 import argparse
 import ast
-from typing import Any
+import contextlib
+import sys
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
 
 from ..factory import create_segmenter, valid_overrides
+from ..fileio import atomic_write
 from ..methods import list_methods
 from ..segmenter import Segmenter
 
@@ -45,24 +52,29 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_preset: str 
         help="open_clip tag (openai, laion2b_s34b_b88k, ...), a "
         "local checkpoint file, or 'none' for random weights (default: openai)",
     )
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: fp32)")
     g.add_argument(
         "--fidelity",
         default=None,
         choices=["official", "paper"],
         help="released-code or paper equations (default: the preset's)",
     )
-    g.add_argument(
+    add_runtime_arguments(g)
+
+
+SET_HELP = "override a setting, e.g. --set prob_thd=0.2 --set lambda_rcs=0.5 (repeatable)"
+
+
+def add_runtime_arguments(group: Any, set_help: str = SET_HELP) -> None:
+    """Add --device, --precision, --window-batch and repeated --set KEY=VALUE to an argument group."""
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
+    group.add_argument(
+        "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: fp32)"
+    )
+    group.add_argument(
         "--window-batch", type=int, default=8, help="sliding windows per forward pass (default: 8)"
     )
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set prob_thd=0.2 --set lambda_rcs=0.5 (repeatable)",
+    group.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help
     )
 
 
@@ -104,3 +116,88 @@ def segmenter_from_args(args: argparse.Namespace, overrides: dict[str, Any] | No
         window_batch=args.window_batch,
         **{**parse_overrides(args.overrides), **(overrides or {})},
     )
+
+
+@contextlib.contextmanager
+def cli_warnings(stream: TextIO | None = None) -> Iterator[None]:
+    """Show Python warnings as one ``resclip: warning: ...`` line each (no file/line noise)."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        print(f"resclip: warning: {message}", file=stream or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+# ------------------------------------------------------------------ evaluation runs (eval, sweep, reproduce)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """--limit, --workers, --state-dir, --fresh, --save-every, --no-progress."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--limit", type=int, default=None, metavar="N", help="score only the first N images")
+    g.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default: 2)")
+    g.add_argument(
+        "--state-dir",
+        default=None,
+        help="where progress is kept for resuming (default: "
+        "<output folder>/.resclip-state, or <cache folder>/eval without --output)",
+    )
+    g.add_argument("--fresh", action="store_true", help="ignore and replace saved progress")
+    g.add_argument("--save-every", type=int, default=50, metavar="N", help="save progress every N images")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Reject bad --limit / --workers / --save-every values."""
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.save_every < 1:
+        raise UserError(f"--save-every must be >= 1, got {args.save_every}")
+
+
+def state_dir_for(args: argparse.Namespace, output: str | None) -> str | None:
+    """--state-dir, else ``<output folder>/.resclip-state``, else None (the cache folder)."""
+    if args.state_dir:
+        return str(args.state_dir)
+    if output:
+        return str(Path(output).expanduser().resolve().parent / ".resclip-state")
+    return None
+
+
+def evaluation_options(args: argparse.Namespace, output: str | None) -> dict[str, Any]:
+    """The keyword arguments of :func:`resclip.eval.evaluate` set by :func:`add_data_arguments`
+    options (and ``--class-file`` / ``--save-predictions`` where the command has them).
+
+    Args:
+        output: the command's results file; progress is kept next to it unless --state-dir.
+    """
+    return {
+        "limit": args.limit,
+        "class_file": getattr(args, "class_file", None),
+        "workers": args.workers,
+        "save_predictions": getattr(args, "save_predictions", None),
+        "state_dir": state_dir_for(args, output),
+        "resume": not args.fresh,
+        "save_every": args.save_every,
+        "progress": args.progress,
+        "release_text_tower": True,  # a command's segmenter serves one class list
+    }
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Fail before any work if ``folder`` (created if needed) cannot take a new file.
+
+    Raises:
+        UserError: naming the folder and the reason.
+    """
+    probe = Path(folder).expanduser() / f".resclip-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        atomic_write(probe, b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write the {what} in {str(probe.parent)!r}: {err}") from err

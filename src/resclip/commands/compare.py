@@ -8,33 +8,23 @@ model is loaded once; each method only builds a new last-block engine over the s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .. import viz
-from ..engine import DenseEngine
+from ..classes import load_classes
+from ..fileio import atomic_write
 from ..methods import get_method, list_methods
 from ..palettes import PALETTES
 from ..preprocess import load_image
 from ..segmenter import Segmenter
-from .common import UserError, add_model_arguments, segmenter_from_args
-from .segment import (
-    atomic_write,
-    check_class_lengths,
-    check_output,
-    class_lines,
-    cli_warnings,
-    image_bytes,
-    segment_array,
-    validate_classes,
-)
+from .common import UserError, add_model_arguments, cli_warnings, segmenter_from_args
+from .segment import check_output, image_bytes, segment_array
 
 NAME = "compare"
 HELP = "segment one image with several methods and save the masks side by side (paper Fig. 5)"
@@ -83,37 +73,10 @@ def parse_variants(text: str) -> list[Variant]:
     if dup:
         raise UserError(f"--methods lists {', '.join(dup)} more than once")
     for v in variants:
-        if v.sfr and not has_scores(v.method):
+        if v.sfr and not get_method(v.method).has_scores:
             raise UserError(f"method {v.label!r}: {v.method} has no attention scores for SFR to edit; "
                             "drop +sfr")
     return variants
-
-
-def has_scores(method: str) -> bool:
-    """Whether a base attention has pre-softmax scores (SFR needs them; MaskCLIP has none)."""
-    z = torch.zeros(1, 1, 1, 1)
-    return bool(get_method(method).score_terms(z, z))
-
-
-def segmenter_variant(base: Segmenter, variant: Variant) -> Segmenter:
-    """A segmenter for ``variant`` sharing ``base``'s CLIP model, tokenizer, settings and text cache.
-
-    RCS / SFR settings come from ``base.config`` (so ``base`` must have been built with the modules
-    the variant uses). Cheap: only the last-block engine is new.
-
-    Raises:
-        ValueError: the variant needs a module ``base`` was built without, or SFR on a method
-            without attention scores.
-    """
-    if (variant.rcs and base.config.rcs is None) or (variant.sfr and base.config.sfr is None):
-        raise ValueError(f"{variant.label}: the shared segmenter was built without RCS/SFR settings")
-    rcs = base.config.rcs if variant.rcs else None
-    sfr = base.config.sfr if variant.sfr else None
-    engine = DenseEngine(base.engine.visual, get_method(variant.method), rcs, sfr,
-                         trunk_attention="explicit" if base.engine.explicit else "fused")
-    config = dataclasses.replace(base.config, method=variant.method, rcs=rcs, sfr=sfr)
-    return Segmenter(engine, base.model, base.tokenizer, config, base.device, window_batch=base.window_batch,
-                     text_cache=base.text_cache, fingerprint=base.fingerprint)
 
 
 def shared_segmenter(args: argparse.Namespace, variants: Iterable[Variant]) -> Segmenter:
@@ -179,17 +142,15 @@ def run(args: argparse.Namespace) -> int:
     if args.height < 16 or (args.columns is not None and args.columns < 1):
         raise UserError("--height must be >= 16 and --columns >= 1")
     variants = parse_variants(args.methods)
-    lines, where = class_lines(args.classes, args.class_file)
-    spec = validate_classes(lines, where)
+    spec = load_classes(args.classes, args.class_file)
     out = check_figure_path(args.out, args.overwrite, (".png", ".jpg", ".jpeg", ".webp"))
     with cli_warnings():
         rgb = load_image(args.image)
         base = shared_segmenter(args, variants)
-        check_class_lengths(base.tokenizer, spec)
         spec, emb = base.encode_classes(cast(Any, spec))
         masks = []
         for variant in variants:
-            seg = segmenter_variant(base, variant)
+            seg = base.with_method(variant.method, rcs=variant.rcs, sfr=variant.sfr)
             masks.append((variant.label, segment_array(seg, rgb, spec, emb)))
     figure = compare_figure(rgb, masks, spec.names, args.palette, args.height, args.columns)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UserError("the web demo needs Gradio: pip install 'resclip[demo]'") from None
     from ..demo import DemoSettings, launch
-    from .segment import cli_warnings
+    from .common import cli_warnings
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1..65535, got {args.port}")

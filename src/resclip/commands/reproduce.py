@@ -13,44 +13,29 @@ from pathlib import Path
 from typing import Any
 
 from ..clip import resolve_device
-from ..datasets import get_dataset_spec, list_datasets, list_samples
-from ..evaluate import (
-    DistInfo,
-    atomic_write_text,
-    close_distributed,
-    evaluate,
-    init_distributed,
-    software_versions,
-    write_results,
-)
+from ..datasets import get_dataset_spec, list_datasets, list_samples, root_names
+from ..eval import DistInfo, distributed, evaluate, software_versions, write_results
 from ..factory import create_segmenter
+from ..fileio import atomic_write_text
 from ..paper_tables import BACKBONES, TABLES, Column, PaperTable, Row, get_table
-from .common import UserError, parse_overrides
-from .eval_cmd import add_data_arguments, check_run_args, state_dir_for
+from .common import (
+    UserError,
+    add_data_arguments,
+    add_runtime_arguments,
+    check_run_args,
+    evaluation_options,
+    parse_overrides,
+)
 
 NAME = "reproduce"
 HELP = "rerun a table of the paper and print our numbers beside the paper's"
-
-# where each benchmark lives below --data-root (MMSegmentation's names)
-SUBDIRS: dict[str, tuple[str, ...]] = {
-    "voc21": ("VOCdevkit/VOC2012",),
-    "voc20": ("VOCdevkit/VOC2012",),
-    "context60": ("VOCdevkit/VOC2010",),
-    "context59": ("VOCdevkit/VOC2010",),
-    "coco_object": ("coco_stuff164k",),
-    "coco_stuff": ("coco_stuff164k",),
-    "cityscapes": ("cityscapes",),
-    "ade20k": ("ADEChallengeData2016", "ade/ADEChallengeData2016"),
-}
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", required=True, help=f"paper table: {', '.join(TABLES)}")
     parser.add_argument(
         "--data-root",
         default=None,
-        help="folder holding the MMSegmentation folders "
-        "(VOCdevkit/VOC2012, VOCdevkit/VOC2010, coco_stuff164k, cityscapes, ADEChallengeData2016)",
+        help=f"folder holding the MMSegmentation folders ({', '.join(root_names())})",
     )
     for ds in list_datasets():
         parser.add_argument(
@@ -81,17 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "goes next to it, per-run results in <name>_runs/)",
     )
     parser.add_argument("--dry-run", action="store_true", help="show what would run and what is skipped")
-    g = parser.add_argument_group("model")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: fp32)")
-    g.add_argument("--window-batch", type=int, default=8, help="sliding windows per forward pass")
-    g.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting in every row (quick checks only: changes the protocol)",
+    add_runtime_arguments(
+        parser.add_argument_group("model"),
+        set_help="override a setting in every row (quick checks only: changes the protocol)",
     )
     add_data_arguments(parser)
 
@@ -106,7 +83,7 @@ def resolve_roots(
         explicit = getattr(args, f"root_{ds}", None)
         candidates = [Path(explicit)] if explicit else []
         if not explicit and args.data_root:
-            candidates = [Path(args.data_root) / sub for sub in SUBDIRS[ds]]
+            candidates = [Path(args.data_root) / sub for sub in get_dataset_spec(ds).root_candidates]
         if not candidates:
             out[ds] = (None, f"no {ds} data (give --data-root or {flag})")
             continue
@@ -218,19 +195,7 @@ class Runner:
             return None, self.bad_backbones[backbone]
         except (ValueError, TypeError) as err:
             return None, f"cannot build this setting: {err}"
-        a = self.args
-        result = evaluate(
-            seg,
-            ds,
-            root,
-            limit=a.limit,
-            workers=a.workers,
-            state_dir=state_dir_for(a, a.output),
-            resume=not a.fresh,
-            save_every=a.save_every,
-            progress=a.progress,
-            release_text_tower=True,
-        )
+        result = evaluate(seg, ds, root, **evaluation_options(self.args, self.args.output))
         if self.info.rank == 0:
             slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{row.label}_{backbone}_{ds}")
             result.extra["paper_row"] = row.label
@@ -337,23 +302,28 @@ def run(args: argparse.Namespace) -> int:
     args.output = args.output or f"reproduce-table{table.id}.json"
     out = Path(args.output)
     runs_dir = out.with_name(out.stem + "_runs")
-    info, args.device = init_distributed(args.device)
-    try:
+    with distributed(args.device) as (info, args.device):
         if not args.dry_run:
             resolve_device(args.device)
         needed = {ds for col in table.columns for ds in col.datasets}
         runner = Runner(args, resolve_roots(args, needed, info.rank == 0), weights, runs_dir, info)
         grid = fill_table(table, rows, runner)
         if info.rank == 0:
-            text = markdown(table, rows, grid, args.limit)
-            print(text)
-            if not args.dry_run:
-                atomic_write_text(out, summary_json(table, rows, grid, args))
-                atomic_write_text(out.with_suffix(".md"), text)
-                print(f"wrote {out}, {out.with_suffix('.md')} (per-run results in {runs_dir})")
-    finally:
-        close_distributed(info)
+            _write_summary(table, rows, grid, args, runs_dir)
     if not args.dry_run and runner.ran == 0:
         print("resclip: nothing could run (see 'Not run' above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_summary(
+    table: PaperTable, rows: list[Row], grid: list[list[Cell]], args: argparse.Namespace, runs_dir: Path
+) -> None:
+    """Print the table; unless --dry-run, write its JSON summary and Markdown next to --output."""
+    text = markdown(table, rows, grid, args.limit)
+    print(text)
+    if not args.dry_run:
+        out = Path(args.output)
+        atomic_write_text(out, summary_json(table, rows, grid, args))
+        atomic_write_text(out.with_suffix(".md"), text)
+        print(f"wrote {out}, {out.with_suffix('.md')} (per-run results in {runs_dir})")

@@ -30,18 +30,16 @@ embeddings are computed once for all images.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import io
 import json
 import os
 import re
 import sys
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,13 +47,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import __version__, viz
-from ..fileio import atomic_write as atomic_write  # re-exported: compare and attention import it here
+from ..classes import ClassSpec, load_classes
+from ..eval.loop import segment_mask as segment_array  # re-exported: compare and the demo use it
 from ..fileio import atomic_write_all
 from ..palettes import PALETTES
 from ..preprocess import load_image
 from ..segmenter import Segmenter
-from ..text import TEMPLATES, ClassSpec, parse_classes, read_class_file
-from .common import UserError, add_model_arguments, segmenter_from_args
+from .common import UserError, add_model_arguments, cli_warnings, segmenter_from_args
 
 NAME = "segment"
 HELP = "segment images with your own class names; writes a mask PNG, an overlay and a JSON per image"
@@ -76,9 +74,10 @@ viewers show it. Images smaller than a patch are scaled up like any other; image
 (the preset's 336-px short side), and the mask is scaled back (nearest) to the original size,
 which bounds memory.
 
-Classes: --classes "cat; sofa; sky, clouds" (';' or newlines between classes, ', ' between
-synonyms; the first synonym names the class) or --class-file (UTF-8, one class per line). Empty,
-duplicated and over-long class names are errors.
+Classes: --classes "cat; sofa; sky, clouds" (';' or newlines between classes, ',' between
+synonyms; the first synonym names the class) or --class-file (UTF-8, one class per line). Empty
+classes or synonyms are errors; duplicated classes, a comma with no space after it ('cat,dog' is
+one class), a single class and names too long for the text encoder are warned about.
 
 Exit status: 0 all images written; 2 bad input (the message says which), also when some of several
 images failed (the others are written)."""
@@ -86,93 +85,6 @@ images failed (the others are written)."""
 
 # ---------------------------------------------------------------------------------------------- helpers
 # (shared with the compare, attention and demo commands)
-
-
-@contextlib.contextmanager
-def cli_warnings(stream: TextIO | None = None) -> Iterator[None]:
-    """Show Python warnings as one ``resclip: warning: ...`` line each (no file/line noise)."""
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: TextIO | None = None, line: str | None = None) -> None:
-        print(f"resclip: warning: {message}", file=stream or sys.stderr)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
-
-
-def class_lines(text: str | None, path: str | None) -> tuple[list[str], str]:
-    """The class lines of ``--classes`` text or a ``--class-file``, and how to name their origin."""
-    if path is not None:
-        if not Path(path).is_file():
-            raise UserError(f"class file not found: {path!r}")
-        return read_class_file(path), f"class file {path!r} line"
-    if text is None:
-        raise UserError("give the class names with --classes \"cat; sofa; sky, clouds\" or --class-file FILE")
-    bad = next((ch for ch in text if "\udc80" <= ch <= "\udcff"), None)
-    if bad is not None:  # a byte that is not UTF-8, passed through by Python as a lone surrogate
-        byte = ord(bad) - 0xDC00
-        raise UserError(f"--classes is not valid UTF-8 (it holds the byte 0x{byte:02x}): type the "
-                        "names in a UTF-8 terminal (e.g. LANG=C.UTF-8) or save them to a UTF-8 file and "
-                        "pass --class-file")
-    lines = text.replace("\n", ";").split(";")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return lines, "--classes class"
-
-
-def validate_classes(lines: Sequence[str], where: str = "class") -> ClassSpec:
-    """Parse class lines, rejecting empty classes or synonyms and duplicated classes.
-
-    Args:
-        lines: one class per item, synonyms separated by commas.
-        where: how a message names an item, e.g. ``"class file 'x.txt' line"`` (numbered from 1).
-
-    Raises:
-        UserError: with a one-line message.
-    """
-    if not lines:
-        raise UserError("no class names given: give at least one, e.g. --classes \"cat; sofa; sky, clouds\"")
-    seen: dict[tuple[str, ...], int] = {}
-    for number, line in enumerate(lines, start=1):
-        synonyms = tuple(part.strip() for part in line.split(","))
-        if not line.strip():
-            raise UserError(f"{where} {number} is empty (classes are separated by ';' or newlines)")
-        if any("\ud800" <= ch <= "\udfff" for ch in line):
-            raise UserError(f"{where} {number} ({line.strip()!r}) holds characters that are not valid text "
-                            "(invalid UTF-8); retype it")
-        if not all(synonyms):
-            raise UserError(f"{where} {number} ({line.strip()!r}) has an empty synonym (synonyms are "
-                            "separated by ', ')")
-        key = tuple(s.casefold() for s in synonyms)
-        if key in seen:
-            raise UserError(f"{where} {number} ({synonyms[0]!r}) repeats {where} {seen[key]}: each class "
-                            "must be listed once")
-        seen[key] = number
-    with cli_warnings():
-        try:
-            return parse_classes(list(lines))
-        except ValueError as err:
-            raise UserError(str(err)) from err
-
-
-def check_class_lengths(tokenizer: Any, spec: ClassSpec, templates: Sequence[str] = TEMPLATES) -> None:
-    """Reject class names that would not fit the text encoder's context inside the prompts.
-
-    Raises:
-        UserError: naming the first class name that is too long.
-    """
-    context = int(tokenizer(["x"]).shape[-1])
-    encode = getattr(tokenizer, "encode", None)
-    if encode is None:  # pragma: no cover - every open_clip tokenizer of a supported model has encode
-        return
-    overhead = max(len(encode(t.replace("{}", " "))) for t in templates) + 2  # start/end tokens
-    for query in dict.fromkeys(spec.queries):
-        need = len(encode(query)) + overhead
-        if need > context:
-            short = query if len(query) <= 40 else query[:37] + "..."
-            raise UserError(f"class name {short!r} is too long: {need} tokens inside the prompts, the text "
-                            f"encoder reads at most {context}; shorten it")
 
 
 def check_output(path: Path, overwrite: bool) -> None:
@@ -195,15 +107,6 @@ def image_bytes(img: Image.Image, suffix: str = ".png") -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     return buf.getvalue()
-
-
-def segment_array(seg: Segmenter, rgb: np.ndarray, spec: ClassSpec, emb: torch.Tensor) -> np.ndarray:
-    """The ``(H, W)`` mask of one RGB image at its own size (the library bounds memory itself).
-
-    Raises:
-        ValueError: the image is too thin to segment.
-    """
-    return seg.predict(rgb, cast(Any, spec), embeddings=emb).mask  # a ClassSpec is parsed as is
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
@@ -343,9 +246,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files, folders (their images, sorted) or quoted globs ('**' recurses)")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--classes", help="class names: 'cat; sofa; sky, clouds' (';' between classes, ', ' "
+    src.add_argument("--classes", help="class names: 'cat; sofa; sky, clouds' (';' between classes, ',' "
                      "between synonyms)")
-    src.add_argument("--class-file", help="UTF-8 text file, one class per line, synonyms separated by ', '")
+    src.add_argument("--class-file", help="UTF-8 text file, one class per line, synonyms separated by ','")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--alpha", type=float, default=0.5,
@@ -361,15 +264,12 @@ def run(args: argparse.Namespace) -> int:
     """Segment every image; returns 0, or 2 when some images failed."""
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
-    lines, where = class_lines(args.classes, args.class_file)
-    spec = validate_classes(lines, where)
+    spec = load_classes(args.classes, args.class_file)
     images = expand_inputs(args.images)
     out = Path(args.out).expanduser()
     jobs = plan_jobs(images, out, args.overwrite)
-    with cli_warnings():
-        seg = segmenter_from_args(args)
-        check_class_lengths(seg.tokenizer, spec)
-        spec, emb = seg.encode_classes(cast(Any, spec))
+    seg = segmenter_from_args(args)
+    spec, emb = seg.encode_classes(cast(Any, spec))
     seg.release_text_tower()  # the classes are fixed for the run: only the visual tower is needed
     out.mkdir(parents=True, exist_ok=True)
     return _process(jobs, seg, spec, emb, args)
@@ -381,7 +281,7 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
     bar = tqdm(jobs, desc="segment", unit="image", disable=True if args.quiet or len(jobs) < 2 else None)
     for job in bar:
         try:
-            with cli_warnings():
+            with cli_warnings():  # a fresh context per image: its warnings are shown for every image
                 rgb = load_image(job.image)
                 mask = segment_array(seg, rgb, spec, emb)
             write_outputs(job, rgb, mask, spec, seg, args.palette, args.alpha)

@@ -11,10 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from ..datasets import get_dataset_spec, list_datasets, list_samples
-from ..evaluate import close_distributed, evaluate, init_distributed
+from ..eval import distributed, evaluate
 from ..fileio import atomic_write, atomic_write_text
-from .common import UserError, add_model_arguments, parse_overrides, segmenter_from_args
-from .eval_cmd import DATASET_DEFAULT, add_data_arguments, check_run_args, state_dir_for
+from .common import (
+    UserError,
+    add_data_arguments,
+    add_model_arguments,
+    check_run_args,
+    evaluation_options,
+    parse_overrides,
+    segmenter_from_args,
+)
+from .eval_cmd import DATASET_DEFAULT
 
 NAME = "sweep"
 HELP = "evaluate a grid of lambda_rcs / lambda_sfr / RCS layers (writes a CSV and a plot)"
@@ -46,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
+def parse_layer_range(text: str) -> tuple[int, ...]:
     """``"6-9"`` -> (6, 7, 8, 9); ``"2+4+6"`` -> (2, 4, 6); ``"5"`` -> (5,)."""
     try:
         if "-" in text:
@@ -80,7 +88,7 @@ def build_grid(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]
     if args.lambda_sfr:
         axes["lambda_sfr"] = _values(args.lambda_sfr, "--lambda-sfr")
     if args.rcs_layers:
-        axes["rcs_layers"] = [parse_layers(t.strip()) for t in args.rcs_layers.split(",")]
+        axes["rcs_layers"] = [parse_layer_range(t.strip()) for t in args.rcs_layers.split(",")]
     for item in args.grid:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -150,9 +158,8 @@ def run(args: argparse.Namespace) -> int:
         print("resclip: warning: SFR is off (--no-sfr); lambda_sfr changes nothing", file=sys.stderr)
     out = Path(args.output or f"sweep-{spec.name}.csv")
     base = parse_overrides(args.overrides)
-    info, args.device = init_distributed(args.device)
     rows: list[dict[str, Any]] = []
-    try:
+    with distributed(args.device) as (info, args.device):
         for i, point in enumerate(points, 1):
             if info.rank == 0:
                 print(
@@ -163,18 +170,7 @@ def run(args: argparse.Namespace) -> int:
                 seg = segmenter_from_args(args, overrides={**base, **point})
             except (ValueError, TypeError) as err:
                 raise UserError(f"grid point {point}: {err}") from err
-            result = evaluate(
-                seg,
-                spec.name,
-                args.root,
-                limit=args.limit,
-                workers=args.workers,
-                state_dir=state_dir_for(args, str(out)),
-                resume=not args.fresh,
-                save_every=args.save_every,
-                progress=args.progress,
-                release_text_tower=True,
-            )
+            result = evaluate(seg, spec.name, args.root, **evaluation_options(args, str(out)))
             m = result.metrics
             rows.append(
                 {
@@ -187,8 +183,6 @@ def run(args: argparse.Namespace) -> int:
             )
             if info.rank == 0:
                 _write_csv(keys, rows, out)
-    finally:
-        close_distributed(info)
     if info.rank == 0:
         _report(keys, rows, out, f"{spec.title}: {args.method} (preset {args.preset})")
     return 0

@@ -4,14 +4,32 @@ A base attention decides how the last ViT block forms its attention: a list of p
 score terms (each softmaxed separately and summed), an optional additive bias applied to every
 term, and whether the block keeps its residual and MLP. RCS and SFR work on these pieces only,
 so they plug into any registered method.
+
+Most methods are plain data: which token pairs they score (``"qk"`` = ``q k^T / sqrt(d)``, ``"kk"``,
+``"qq"``). A method with a score bias (NACLIP) subclasses :class:`BaseAttention`. A method is
+registered once, by its instance, under its own ``name``.
+
+A method that is more than "a different last-block attention" composes up to three optional
+stages, each a small override (the defaults are exactly the plain path):
+
+* a trunk request, :meth:`BaseAttention.trunk_blocks` / :meth:`BaseAttention.trunk_attentions`:
+  which block outputs and attention maps the trunk keeps;
+* a last stage, :meth:`BaseAttention.last_stage` (with ``replaces_last_block = True``): it turns
+  the trunk's outputs into projected patch tokens instead of the standard last block. It gets a
+  :class:`StageContext` whose ``mix_scores`` / ``mix_attention`` apply SFR and RCS where the method
+  forms its attention, so both modules compose with it without knowing it;
+* logit refinement stays the protocol's (PAMR, thresholds), shared by every method.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..attention import scaled_scores
 
 
 @dataclass(frozen=True)
@@ -22,36 +40,94 @@ class BaseAttention:
         name: registry name.
         keep_residual: keep ``x + attn`` and the MLP of the last block (vanilla CLIP, SCLIP);
             otherwise the block output is ``out_proj(A v)`` alone.
-        description: one line for ``list_methods``.
+        pairs: the score terms, one per entry: ``"qk"`` is ``softmax(q k^T / sqrt(d))``, ``"kk"``
+            ``softmax(k k^T / sqrt(d))`` and so on; the softmaxed terms are summed. Empty: identity
+            attention (every token keeps its own value).
+        description: one line for ``resclip list``.
     """
 
     name: str
     keep_residual: bool
+    pairs: tuple[str, ...] = ()
     description: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.pairs if len(p) != 2 or set(p) - {"q", "k"}]
+        if bad:
+            raise ValueError(f"method {self.name!r}: score pairs must be 'qk', 'qq', 'kk' or 'kq', got {bad}")
+
+    @property
+    def has_scores(self) -> bool:
+        """Whether the method has pre-softmax scores (SFR edits them; identity attention has none)."""
+        return bool(self.pairs)
 
     def score_terms(self, q: torch.Tensor, k: torch.Tensor) -> list[torch.Tensor]:
         """Pre-softmax score terms, each a new ``(B, H, T, T)`` float32 tensor (the engine adds
         biases to it in place); empty = identity attention."""
-        raise NotImplementedError
+        side = {"q": q, "k": k}
+        return [scaled_scores(side[pair[0]], side[pair[1]]) for pair in self.pairs]
 
     def score_bias(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
         """An additive ``(T, T)`` bias for every score term, or None."""
         return None
 
+    # ---- optional stages (the defaults are the plain path) ----
+    replaces_last_block = False  # True: :meth:`last_stage` replaces the standard last block
 
-_REGISTRY: dict[str, Callable[[], BaseAttention]] = {}
+    def trunk_blocks(self, num_blocks: int) -> tuple[int, ...]:
+        """0-based indices (< ``num_blocks - 1``) of the trunk blocks whose outputs the method reads."""
+        return ()
+
+    def trunk_attentions(self, num_blocks: int) -> tuple[int, ...]:
+        """0-based indices (< ``num_blocks - 1``) of the trunk blocks whose attention maps it reads."""
+        return ()
+
+    def last_stage(self, ctx: StageContext) -> torch.Tensor:
+        """Projected patch tokens ``(B, h*w, D)`` (no CLS) from the trunk; only when
+        ``replaces_last_block``."""
+        raise NotImplementedError(f"method {self.name!r} uses the standard last block")
+
+    def for_fidelity(self, fidelity: str) -> BaseAttention:
+        """This method with its release-vs-paper switches set for ``fidelity`` (default: itself)."""
+        return self
 
 
-def register_method(name: str) -> Callable[[Callable[[], BaseAttention]], Callable[[], BaseAttention]]:
-    """Decorator registering a zero-argument factory under ``name`` (duplicates raise)."""
+@dataclass
+class StageContext:
+    """What a method's last stage receives from the engine.
 
-    def deco(factory: Callable[[], BaseAttention]) -> Callable[[], BaseAttention]:
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} is registered twice")
-        _REGISTRY[name] = factory
-        return factory
+    Attributes:
+        visual: the CLIP visual tower (parameters read by name, see :mod:`resclip.vit`).
+        trunk: the trunk's output, with the blocks the method asked for.
+        mix_scores: applies SFR to one pre-softmax ``(B, h, N, N)`` score term over patch tokens
+            (identity without SFR); ``heads`` selects the heads the term belongs to.
+        mix_attention: applies RCS to a post-softmax ``(B, h, N, N)`` patch attention (identity
+            without RCS), same ``heads`` argument.
+        trace: a dict the stage fills with its named intermediates, or None.
+    """
 
-    return deco
+    visual: Any
+    trunk: Any
+    mix_scores: Callable[[torch.Tensor, slice], torch.Tensor]
+    mix_attention: Callable[[torch.Tensor, slice], torch.Tensor]
+    trace: dict[str, torch.Tensor] | None = None
+
+
+_REGISTRY: dict[str, BaseAttention] = {}
+
+
+def register_method(method: BaseAttention) -> BaseAttention:
+    """Register ``method`` under ``method.name`` (lower case, unique) and return it.
+
+    Raises:
+        ValueError: the name is taken or not lower case.
+    """
+    if method.name != method.name.strip().lower():
+        raise ValueError(f"method names are lower case without spaces, got {method.name!r}")
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
 
 
 def list_methods() -> list[str]:
@@ -60,7 +136,7 @@ def list_methods() -> list[str]:
 
 
 def get_method(name: str) -> BaseAttention:
-    """Build the registered base attention ``name``.
+    """The registered base attention ``name`` (immutable, shared).
 
     Raises:
         ValueError: unknown name; the message lists the valid ones.
@@ -68,4 +144,4 @@ def get_method(name: str) -> BaseAttention:
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(list_methods())}")
-    return _REGISTRY[key]()
+    return _REGISTRY[key]

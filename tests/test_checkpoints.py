@@ -165,6 +165,7 @@ def test_malicious_archive_reads_and_writes_nothing(golden_clip: LoadedClip, tmp
         assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
+@pytest.mark.slow
 def test_hanging_archive_does_not_hang(golden_clip: LoadedClip, tmp_path: Path) -> None:
     path = _save_script(_Holder(golden_clip.model, _Spinner()), tmp_path / "spin.pt")
     with pytest.raises(subprocess.TimeoutExpired):  # torch.jit.load runs the loop
@@ -203,7 +204,8 @@ def test_pickle_with_code_is_refused(tmp_path: Path, kind: str) -> None:
 def test_garbage_is_not_blamed_on_objects(tmp_path: Path) -> None:
     path = tmp_path / "garbage.pt"
     path.write_bytes(bytes(range(256)) * 16)
-    with pytest.raises(ValueError, match=r"it is not a file torch\.save wrote") as info:
+    expected = r"\(UnpicklingError: not a file torch\.save wrote\)\. The file"
+    with pytest.raises(ValueError, match=expected) as info:
         read_checkpoint(path)
     assert "weights_only" not in str(info.value)
 

@@ -1,0 +1,80 @@
+"""create_segmenter and Segmenter.with_method: one place builds engines, variants share the weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import resclip
+from resclip.methods import get_method
+
+CLASSES = ["sky, wall", "cat", "person, man, woman"]
+SMALL = {"short_side": 80, "slide_crop": 64, "slide_stride": 32, "rcs_layers": (2, 3)}
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    img = np.zeros((56, 84, 3), dtype=np.uint8)
+    img[:, 40:] = (30, 90, 220)
+    return np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+
+
+def _create(ckpt, method="naclip", rcs=True, sfr=True, **kw):
+    return resclip.create_segmenter(method, rcs=rcs, sfr=sfr, preset="ade20k", pretrained=str(ckpt),
+                                    text_cache=False, **{**SMALL, **kw})
+
+
+@pytest.fixture(scope="module")
+def base(tiny_ckpt):
+    return _create(tiny_ckpt, trunk_attention="fused", window_batch=3)
+
+
+def test_variant_shares_weights_and_carries_every_setting(base):
+    base.band_budget = 12345
+    seg = base.with_method("SCLIP", sfr=False)
+    assert seg.engine is not base.engine and seg.engine.visual is base.engine.visual
+    assert seg.model is base.model and seg.tokenizer is base.tokenizer and seg.text_cache is base.text_cache
+    assert (seg.window_batch, seg.band_budget, seg.fingerprint, seg.device) == (
+        3, 12345, base.fingerprint, base.device)
+    assert seg.config.method == "sclip" and seg.config.rcs == base.config.rcs and seg.config.sfr is None
+    assert seg.config.trunk_attention == "fused" and not seg.engine.explicit
+    assert seg.engine.method is get_method("sclip") and seg.engine.sfr is None
+    assert (seg.config.protocol, seg.config.preset, seg.config.model) == (
+        base.config.protocol, base.config.preset, base.config.model)
+    assert base.config.method == "naclip" and base.engine.sfr is not None  # base untouched
+    kept = base.with_method("clearclip")  # None keeps the base's modules
+    assert kept.config.rcs == base.config.rcs and kept.config.sfr == base.config.sfr
+
+
+@pytest.mark.parametrize(("method", "rcs", "sfr"), [("sclip", True, False), ("clip", False, True),
+                                                    ("maskclip", True, False)])
+def test_variant_segments_like_a_fresh_segmenter(tiny_ckpt, base, image, method, rcs, sfr):
+    got = base.with_method(method, rcs=rcs, sfr=sfr).predict(image, CLASSES)
+    want = _create(tiny_ckpt, method, rcs, sfr, trunk_attention="fused").predict(image, CLASSES)
+    assert np.array_equal(got.mask, want.mask) and np.array_equal(got.logits, want.logits)
+
+
+def test_variant_errors(tiny_ckpt, base):
+    plain = _create(tiny_ckpt, rcs=False, sfr=False)
+    with pytest.raises(ValueError, match="built without SFR settings; create it with sfr=True"):
+        plain.with_method("clip", sfr=True)
+    with pytest.raises(ValueError, match="built without RCS settings"):
+        plain.with_method("clip", rcs=True)
+    with pytest.raises(ValueError, match="identity attention"):
+        base.with_method("maskclip", sfr=True)
+    with pytest.raises(ValueError, match="unknown method 'gem'"):
+        base.with_method("gem")
+
+
+def test_config_records_the_trunk_attention(tiny_ckpt):
+    assert _create(tiny_ckpt, rcs=False, sfr=False).config.trunk_attention == "explicit"  # the preset's
+    seg = resclip.create_segmenter("naclip", rcs=False, sfr=False, preset="sclip/ade20k",
+                                   pretrained=str(tiny_ckpt), text_cache=False, **SMALL)
+    assert seg.config.trunk_attention == "fused" and not seg.engine.explicit
+    assert seg.config.to_dict()["trunk_attention"] == "fused"
+
+
+def test_has_scores_is_a_property_of_the_method():
+    assert not get_method("maskclip").has_scores and get_method("naclip").has_scores
+    assert all(get_method(m).has_scores == bool(get_method(m).pairs) for m in ["clip", "sclip", "clearclip"])

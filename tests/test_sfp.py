@@ -1,0 +1,231 @@
+"""SFP against its release (golden_sfp.npz): every stage of single windows, every sliding window
+and the full-image outputs of each recorded run; composition, non-square inputs, presets, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import resclip
+from resclip.cli import main
+from resclip.engine import WindowTrace
+from resclip.methods.calibration import salient_outliers
+from resclip.preprocess import normalise, window_coords
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+BENCH = Path(__file__).parent / "data" / "benchmarks"
+VOCLIKE = [
+    "sky, wall, tree, grass", "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat",
+    "chair", "person, person in shirt, person in jeans", "television monitor, screen",
+]
+ADELIKE = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed"]
+TOK, LOGIT = 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def sfp() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / "golden_sfp.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def ckpts(golden_ckpt_b16, golden_ckpt_b32):
+    return {"b16": golden_ckpt_b16, "b32": golden_ckpt_b32}
+
+
+def _seg(ckpt: Path, preset: str = "sfp/voc21", rcs: bool = False, sfr: bool = False, **kw):
+    with pytest.warns(UserWarning, match="custom ViT"):
+        return resclip.create_segmenter(method="sfp", rcs=rcs, sfr=sfr, preset=preset,
+                                        pretrained=str(ckpt), text_cache=False, **kw)
+
+
+def _close(got: torch.Tensor | np.ndarray, want: np.ndarray, atol: float, what: str) -> float:
+    got = got.numpy() if isinstance(got, torch.Tensor) else got
+    err = float(np.abs(got - want).max()) if want.size else 0.0
+    assert err <= atol, f"{what}: max |diff| {err:.2e} > {atol:.0e}"
+    return err
+
+
+def _flat(rc: np.ndarray, w: int) -> list[int]:
+    return sorted(int(r) * w + int(c) for r, c in rc)
+
+
+# ---------------------------------------------------------------- single windows
+WINDOWS = {"W0": ("b16", "raw", "A", None), "W2": ("b32", "raw", "A", None),
+           "W3": ("b16", "resized", "C", (112, 336, 336, 560))}
+
+
+@pytest.mark.parametrize("name", list(WINDOWS))
+def test_window_stages(golden, sfp, ckpts, name):
+    kind, src, img, crop = WINDOWS[name]
+    seg = _seg(ckpts[kind])
+    x = normalise(golden[f"img{img}__{src}_rgb"])
+    if crop is not None:
+        y1, x1, y2, x2 = crop
+        x = x[:, :, y1:y2, x1:x2]
+    text = torch.from_numpy(golden["classifier__voclike"])
+    trace = WindowTrace()
+    logits = seg.engine.window_logits(x, text, torch.zeros(text.shape[0], dtype=torch.long), trace)
+    st = {k: v[0] for k, v in trace.stages.items()}
+    w = logits.shape[-1]
+    p = f"{name}__sfp__"
+    outliers = torch.nonzero(st["outliers"]).flatten().tolist()
+    assert outliers == _flat(sfp[f"{p}outlier_rc"], w)
+    _close(st["som_cls_to_patch"], sfp[f"{p}som_cls_to_patch"], LOGIT, "SOM cls->patch")
+    _close(st["som_patch_self"], sfp[f"{p}som_patch_self"], LOGIT, "SOM self")
+    if f"{p}hidden_b10" in sfp:
+        _close(trace.pre_last_block_x[0], sfp[f"{p}hidden_b10"], TOK, "block 10")
+        multi = st["multilevel_sum"]
+        _close(multi[0], sfp[f"{p}patch_state_sum_cls"], TOK, "multi-level CLS")
+        _close(multi[1:].norm(dim=-1), sfp[f"{p}patch_state_sum_patch_norms"], TOK, "multi-level norms")
+        order = sfp[f"{p}outlier_rc"][:, 0] * w + sfp[f"{p}outlier_rc"][:, 1]
+        _close(st["repaired_last"][order], sfp[f"{p}purified_b10_rows"], TOK, "purified")
+        for key in ("pre_sim", "post_sim"):
+            _close(st[key], sfp[f"{p}{key}"], LOGIT, key)
+        for key in ("agg_pre", "branch1_attn", "branch1_out", "branch2_attn", "branch2_out"):
+            _close(st[key], sfp[f"{p}{key}"], TOK, key)
+    _close(trace.tokens[0], sfp[f"{p}tokens"], TOK, "tokens")
+    _close(logits[0], sfp[f"{p}patch_logits"], LOGIT, "patch logits")
+    if f"{p}patch_logits_protos" in sfp:
+        protos = torch.from_numpy(sfp["classifier__sfp_protos"])
+        again = seg.engine.window_logits(x, protos, torch.zeros(protos.shape[0], dtype=torch.long))
+        _close(again[0], sfp[f"{p}patch_logits_protos"], LOGIT, "patch logits (protos)")
+
+
+# ---------------------------------------------------------------- sliding windows and full images
+# run -> (preset, class lines, classifier, checkpoint, images)
+RUNS = {
+    "voc21_protos": ("sfp/voc21", VOCLIKE, "sfp_protos", "b16", "AC"),
+    "voc21_b32_voclike": ("sfp/voc21", VOCLIKE, "voclike", "b32", "A"),
+    "context60_protos": ("sfp/context60", VOCLIKE, "sfp_protos", "b16", "B"),
+    "coco_object_protos": ("sfp/coco_object", VOCLIKE, "sfp_protos", "b16", "C"),
+    "default_voclike": ("sfp/context59", VOCLIKE, "voclike", "b16", "B"),
+    "default_adelike": ("sfp/context59", ADELIKE, "adelike", "b16", "C"),
+}
+CASES = [(run, img) for run, spec in RUNS.items() for img in spec[4]]
+
+
+def _classifier(golden, sfp, name):
+    return sfp["classifier__sfp_protos"] if name == "sfp_protos" else golden[f"classifier__{name}"]
+
+
+@pytest.mark.parametrize(("run", "img"), CASES)
+def test_full_image_parity(golden, sfp, ckpts, run, img):
+    preset, lines, cls, kind, _ = RUNS[run]
+    seg = _seg(ckpts[kind], preset)
+    prefix = f"slide__{run}__img{img}"
+    image = golden[f"img{img}__raw_rgb"]
+    res = seg.predict(image, lines, embeddings=_classifier(golden, sfp, cls))
+    if f"{prefix}__slide_logits_idx" in sfp:
+        idx = sfp[f"{prefix}__slide_logits_idx"]
+        _close(res.logits.reshape(res.logits.shape[0], -1)[:, idx], sfp[f"{prefix}__slide_logits_samples"],
+               LOGIT, "slide logits")
+    fidx = sfp[f"{prefix}__final_idx"]
+    full = res.full.logits_full()
+    _close(full.reshape(full.shape[0], -1)[:, fidx], sfp[f"{prefix}__final_logits_samples"], LOGIT, "final")
+    want = sfp[f"{prefix}__probs_samples"]
+    want = want / want.sum(axis=0, keepdims=True)  # the release does not renormalise
+    _close(res.probs.reshape(res.probs.shape[0], -1)[:, fidx], want, LOGIT, "probabilities")
+    stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
+    stable[sfp[f"{prefix}__pred_unstable_idx"]] = False
+    np.testing.assert_array_equal(res.mask.reshape(-1)[stable], sfp[f"{prefix}__pred"].reshape(-1)[stable])
+
+
+@pytest.mark.parametrize(("run", "img"), CASES)
+def test_every_window(golden, sfp, ckpts, run, img):
+    preset, lines, cls, kind, _ = RUNS[run]
+    seg = _seg(ckpts[kind], preset)
+    prefix = f"slide__{run}__img{img}"
+    x = seg.resized_input(golden[f"img{img}__raw_rgb"])
+    p = seg.protocol
+    boxes = window_coords(x.shape[2], x.shape[3], p.slide_crop, p.slide_stride)
+    np.testing.assert_array_equal(np.array(boxes), sfp[f"{prefix}__window_coords"])
+    spec, text = seg.encode_classes(lines, _classifier(golden, sfp, cls))
+    crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, x1, y2, x2 in boxes])
+    trace = WindowTrace()
+    logits = seg.engine.window_logits(crops, text, torch.tensor(spec.query_to_class), trace)
+    for k in range(len(boxes)):
+        _close(logits[k], sfp[f"{prefix}__win{k}__patch_logits"], LOGIT, f"window {k}")
+        got = torch.nonzero(trace.stages["outliers"][k]).flatten().tolist()
+        want = sfp[f"{prefix}__outlier_loc"][k]
+        assert got == sorted(int(i) for i in want if i >= 0)
+
+
+# ---------------------------------------------------------------- presets, detector, composition
+def test_presets_are_the_release_configs():
+    cfgs = json.loads((GOLDEN / "sfp_manifest.json").read_text())["dataset_cfgs_sfp"]
+    names = {"coco_stuff": "coco_stuff164k", "cityscapes": "city_scapes"}
+    for ds in resclip.presets.DATASETS:
+        want = cfgs[names.get(ds, ds)]
+        p = resclip.presets.get_preset(f"sfp/{ds}")
+        got = p.protocol
+        assert (got.short_side, got.slide_crop, got.slide_stride, got.pamr_steps) == (
+            want["short_side"], 224, 112, 0), ds
+        assert (got.logit_scale, got.prob_thd, got.area_thd) == (
+            want["logit_scale"], want["prob_thd"], want.get("area_thd")), ds
+        path = p.class_file_path()
+        if "people" in want["class_file"]:
+            assert path is not None and "people" in path.read_text() and "person" not in path.read_text()
+        else:
+            assert path is None
+
+
+def test_som_picks_at_most_k_salient_patches_by_cls_attention():
+    attn = torch.zeros(1, 1, 6, 6)
+    attn[0, 0, 0, 1:] = torch.tensor([0.5, 0.1, 0.4, 0.3, 0.05])
+    attn[0, 0, 1:, 1:] = torch.eye(5) * 0.2
+    out, c2p, own = salient_outliers(attn, 1.0, 2)
+    assert torch.equal(own[0], torch.full((5,), 0.2)) and c2p[0, 0] == 0.5
+    assert out[0].tolist() == [True, False, True, False, False]  # 0.3 is salient but third
+    out, _, _ = salient_outliers(attn, 1.0, 10)
+    assert out[0].tolist() == [True, False, True, True, False]
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    img = np.zeros((60, 90, 3), dtype=np.uint8)
+    img[:, :45] = (200, 40, 40)
+    img[:, 45:] = (30, 90, 220)
+    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("rcs", "sfr", "pamr"), [(True, False, 0), (False, True, 0), (True, True, 10)])
+def test_every_combination_runs(tiny_ckpt, photo, rcs, sfr, pamr):
+    def seg(r, s, p):
+        return resclip.create_segmenter(method="sfp", rcs=r, sfr=s, preset="sfp/ade20k",
+                                        pretrained=str(tiny_ckpt), text_cache=False, pamr_steps=p,
+                                        short_side=96, slide_crop=64, slide_stride=32, rcs_layers=(2, 3))
+
+    classes = ["sky, wall", "cat", "person, man", "tree"]
+    base = seg(False, False, 0).predict(photo, classes)
+    res = seg(rcs, sfr, pamr).predict(photo, classes)
+    assert res.mask.shape == photo.shape[:2] and np.isfinite(res.probs).all()
+    assert np.abs(res.logits - base.logits).max() > 1e-4
+
+
+def test_non_square_inputs_do_not_crash(golden, ckpts):
+    """The release raises IndexError on a 21x28 grid; the row-major mapping does not."""
+    seg = _seg(ckpts["b16"], "sfp/context59", slide_crop=0)
+    res = seg.predict(golden["imgB__resized_rgb"], ADELIKE, embeddings=golden["classifier__adelike"])
+    assert res.mask.shape == golden["imgB__resized_rgb"].shape[:2] and np.isfinite(res.probs).all()
+
+
+@pytest.mark.parametrize("dataset", ["voc21", "ade20k", "coco_object"])
+def test_eval_runs(tiny64, tmp_path, monkeypatch, dataset):
+    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path / "cache"))
+    root = {"voc21": BENCH / "VOCdevkit/VOC2012", "ade20k": BENCH / "ADEChallengeData2016",
+            "coco_object": BENCH / "coco_stuff164k"}[dataset]
+    out = tmp_path / "r.json"
+    code = main(["eval", "--method", "sfp", "--dataset", dataset, "--root", str(root),
+                 "--preset", f"sfp/{dataset}", "--pretrained", str(tiny64), "--no-rcs", "--no-sfr",
+                 "--limit", "1", "--set", "short_side=64", "--device", "cpu", "--no-progress",
+                 "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "sfp" and result["preset"] == f"sfp/{dataset}"
+    assert result["class_file"].endswith("sfp_voc21.txt" if dataset == "voc21" else f"{dataset}.txt")
