@@ -71,12 +71,17 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         raise ValueError(_unreadable_message(path, _brief(exc))) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj:
+    if not isinstance(obj, Mapping):
         raise ValueError(
             f"pretrained={str(path)!r} is not a CLIP checkpoint: expected a state dict (a mapping of names "
             f"to tensors), got {type(obj).__name__}. Only ViT CLIP checkpoints are supported."
         )
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError(
+            f"pretrained={str(path)!r} holds no tensors, so it is not a CLIP checkpoint; expected a "
+            "state dict of a ViT CLIP (OpenAI or open_clip format)."
+        )
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     marked = jit or any(key in state for key in _OPENAI_EXTRA_KEYS)

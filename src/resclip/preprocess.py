@@ -96,7 +96,12 @@ def load_image(image: ImageInput) -> np.ndarray:
 
 
 def _allow_large_images() -> None:
-    """Let Pillow open files up to :data:`MAX_PIXELS` (it refuses twice its own limit)."""
+    """Let Pillow open files up to :data:`MAX_PIXELS` (it refuses twice its own limit).
+
+    A process-wide side effect, on purpose and only here: the first time resclip opens an image
+    file it raises ``PIL.Image.MAX_IMAGE_PIXELS`` (never lowers it; a change would race with other
+    threads), since :func:`load_image` applies its own :data:`MAX_PIXELS` check to the header.
+    """
     limit = MAX_PIXELS
     current = Image.MAX_IMAGE_PIXELS
     if limit is None:

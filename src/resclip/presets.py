@@ -13,24 +13,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from .dataset_specs import DATASETS as _SPECS
 from .protocol import Protocol
 from .rcs import RCSConfig
 from .sfr import SFRConfig
 
 Fidelity = Literal["official", "paper"]
 
-DATASETS = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k")
-
-CLASS_FILES = {
-    "voc21": "voc21.txt",
-    "voc20": "voc20.txt",
-    "context60": "context60.txt",
-    "context59": "context59.txt",
-    "coco_object": "coco_object.txt",
-    "coco_stuff": "coco_stuff.txt",
-    "cityscapes": "city_scapes.txt",
-    "ade20k": "ade20k.txt",
-}
+# the eight benchmarks and their class-name files, as resclip.dataset_specs describes them
+DATASETS = tuple(_SPECS)
+CLASS_FILES = {name: spec.class_file for name, spec in _SPECS.items()}
 
 
 @dataclass(frozen=True)
