@@ -57,7 +57,10 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCHEMA = 1
 
-ALL_METHODS = ("clearclip", "clip", "maskclip", "naclip", "sclip")
+ALL_METHODS = ("clearclip", "clip", "maskclip", "naclip", "sclip", "sc_clip", "sfp")
+# Methods measured under their own repository's presets (``METHOD/WORKLOAD``, e.g. ``sc_clip/voc21``:
+# that release's protocol, sliding windows for every dataset, and its class file where it ships one).
+OWN_PRESET_METHODS = frozenset({"sc_clip", "sfp"})
 # Methods whose last block has no attention scores (identity attention): SFR cannot apply to them.
 SFR_UNSUPPORTED = frozenset({"maskclip"})
 VARIANTS: dict[str, tuple[bool, bool]] = {
@@ -959,6 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-table", action="store_true", help="skip the per-configuration table")
     ap.add_argument("--no-pairs", action="store_true", help="skip the interleaved ratio measurements")
+    ap.add_argument("--no-batch-compare", action="store_true", help="skip batched vs one window at a time")
     ap.add_argument("--no-profile", action="store_true", help="skip the instrumented SFR-share run")
     ap.add_argument(
         "--malloc-env",
@@ -1036,6 +1040,16 @@ def resolve_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
 
 
+def workload_preset(method: str, wl: Workload) -> tuple[str, str]:
+    """(preset, class file) of a method on a workload: the workload's, or the method's own preset."""
+    if method not in OWN_PRESET_METHODS:
+        return wl.preset, wl.class_file
+    from resclip.presets import get_preset
+
+    name = f"{method}/{wl.preset}"
+    return name, get_preset(name).class_file or wl.class_file
+
+
 def resclip_variant(method: str) -> str:
     """The ResCLIP configuration of a base method: RCS + SFR, or RCS alone without attention scores."""
     return "rcs" if method in SFR_UNSUPPORTED else "rcs+sfr"
@@ -1055,6 +1069,7 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                         continue
                     rcs, sfr = VARIANTS[variant]
                     is_resclip = variant == resclip_variant(method)
+                    preset, class_file = workload_preset(method, wl)
                     specs.append(
                         {
                             "kind": "predict",
@@ -1063,8 +1078,8 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "pretrained": args.pretrained,
                             "model_configs": [str(Path(p).resolve()) for p in args.model_config],
                             "workload": wl_name,
-                            "preset": wl.preset,
-                            "class_file": wl.class_file,
+                            "preset": preset,
+                            "class_file": class_file,
                             "method": method,
                             "variant": variant,
                             "rcs": rcs,
@@ -1086,7 +1101,7 @@ def plan_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                             "seed": args.seed,
                             "profile_sfr": sfr and not args.no_profile,
                             "pair_with_base": is_resclip and not args.no_pairs,
-                            "batch_compare": is_resclip and not args.no_pairs,
+                            "batch_compare": is_resclip and not (args.no_pairs or args.no_batch_compare),
                         }
                     )
     return specs
@@ -1369,6 +1384,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": spec["model_label"],
             "workload": spec["workload"],
             "method": spec["method"],
+            "preset": spec["preset"],
+            "class_file": spec["class_file"],
             "variant": spec["variant"],
             "rcs": spec["rcs"],
             "sfr": spec["sfr"],

@@ -129,8 +129,14 @@ def test_segment_is_deterministic_and_refuses_to_overwrite(tmp_path, capsys, mod
     args = ["segment", BIRD, "--classes", CLASSES, "--out", out, *model]
     assert cli(capsys, *args)[0] == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, stdout, _ = cli(capsys, *args)  # same settings: the finished image is skipped (resume)
+    assert rc == 0 and "skipped 1 image" in stdout
+    rc, _, err = cli(capsys, "segment", BIRD, "--classes", "bird; background", "--out", out, *model)
+    one_error(rc, err, "crop_114.json", "exists", "classes", "--overwrite")
+    (out / "crop_114_overlay.png").unlink()  # not a finished image: its other files are refused
     rc, _, err = cli(capsys, *args)
     one_error(rc, err, "crop_114_mask.png", "exists", "--overwrite")
+    (out / "crop_114_overlay.png").write_bytes(first["crop_114_overlay.png"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     assert cli(capsys, *args, "--overwrite")[0] == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first

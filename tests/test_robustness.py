@@ -498,7 +498,7 @@ def test_embeddings_of_any_float_type_are_accepted(seg, photo, emb):
 _METHODS = re.escape(", ".join(resclip.list_methods()))  # the registry, sorted
 _PRESETS = r"valid: 'default', a dataset \(voc21, .*ade20k\).*resclip, sclip, naclip, clearclip, paper"
 BAD_SETTINGS: dict[str, tuple[dict[str, Any], Any, str]] = {
-    "method": ({"method": "resclip"}, ValueError, rf"unknown method 'resclip'; valid methods: {_METHODS}"),
+    "method": ({"method": "resclip2"}, ValueError, rf"unknown method 'resclip2'; valid methods: {_METHODS}"),
     "method-empty": ({"method": ""}, ValueError, rf"unknown method ''; valid methods: {_METHODS}"),
     "preset": ({"preset": "voc22"}, ValueError, rf"unknown preset 'voc22'; {_PRESETS}"),
     "preset-family": (

@@ -1,26 +1,65 @@
-"""``resclip`` command line: a thin dispatcher over :mod:`resclip.commands`."""
+"""``resclip`` command line: a thin dispatcher over :mod:`resclip.commands`.
+
+The parser is built without importing torch or open_clip: the top level lists the commands from
+:data:`resclip.commands.COMMANDS`, and a command's own options are added (its module imported) only
+when that command appears on the command line. ``resclip --help``, ``resclip list ...`` and argument
+errors therefore answer in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from .commands import load_commands
+from . import __version__
+from .commands import COMMANDS, CommandInfo, load_command
 from .commands.common import UserError, cli_warnings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every available sub-command."""
+class _LazySubParsers(argparse._SubParsersAction):  # type: ignore[type-arg,unused-ignore]
+    """Sub-parsers whose options are added the first time their command is chosen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, CommandInfo] = {}
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        name = values[0] if values else None
+        if name in self._pending:
+            populate(self._name_parser_map[name], self._pending.pop(name))
+        super().__call__(parser, namespace, values, option_string)
+
+
+def populate(parser: argparse.ArgumentParser, info: CommandInfo) -> None:
+    """Import ``info``'s module and add its options to ``parser``."""
+    mod = load_command(info)
+    mod.add_arguments(parser)
+    parser.set_defaults(_run=mod.run)
+
+
+def build_parser(*, full: bool = False) -> argparse.ArgumentParser:
+    """The argument parser with every sub-command.
+
+    Args:
+        full: add every command's options now (imports every command module, torch included);
+            by default a command's options are added when the command is parsed.
+    """
     parser = argparse.ArgumentParser(
         prog="resclip",
         description="Training-free open-vocabulary segmentation with CLIP (ResCLIP and its baselines).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in load_commands():
-        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+    parser.add_argument("--version", action="version", version=f"resclip {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_LazySubParsers)
+    assert isinstance(sub, _LazySubParsers)
+    for info in COMMANDS:
+        p = sub.add_parser(info.name, help=info.help, description=info.help)
+        if full:
+            populate(p, info)
+        else:
+            sub._pending[info.name] = info
     return parser
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import numbers
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import torch
 
@@ -19,6 +23,8 @@ from .rcs import RCSConfig
 from .segmenter import Segmenter, SegmenterConfig
 from .sfr import SFRConfig
 from .text import EmbeddingCache
+
+METHOD_ALIAS = "resclip"  # create_segmenter(method="resclip") = naclip + RCS + SFR, as in `resclip compare`
 
 _ALIASES = {
     "lambda_rcs": ("rcs", "lam"),
@@ -41,6 +47,72 @@ def valid_overrides() -> list[str]:
     return sorted(names)
 
 
+def unknown_setting_message(key: str) -> str:
+    """``unknown setting 'x'; valid settings: ...``, ending with the closest valid name
+    ("did you mean ...?") when one is close."""
+    valid = valid_overrides()
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown setting {key!r}; valid settings: {', '.join(valid)}{hint}"
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return "a sequence of integers"
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return {int: "an integer", float: "a number", bool: "True or False", str: "text", type(None): "None"}.get(
+        hint, str(hint))
+
+
+def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
+    """(ok, value converted to ``hint``): ints are accepted for floats, one int for a tuple of ints."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, converted = _convert(arg, value)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is tuple:
+        items = (value,) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+        if isinstance(items, (list, tuple)) and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items
+        ):
+            return True, tuple(int(v) for v in items)
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else value
+    if hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if isinstance(hint, type):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def check_override(key: str, cls: type, name: str, value: Any) -> Any:
+    """``value`` checked against (and converted to) the type of field ``name`` of ``cls``.
+
+    Raises:
+        TypeError: naming ``key``, the expected type and the value given.
+    """
+    hint = typing.get_type_hints(cls)[name]
+    ok, converted = _convert(hint, value)
+    if not ok:
+        raise TypeError(f"setting {key}: expected {_type_name(hint)}, got {value!r}")
+    return converted
+
+
 def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
     """Return ``preset`` with protocol / RCS / SFR fields replaced by ``overrides``.
 
@@ -49,8 +121,10 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
     ``rcs_<field>`` / ``sfr_<field>`` for any RCS/SFR config field.
 
     Raises:
-        TypeError: unknown key (the message lists the valid ones).
+        TypeError: unknown key (the message suggests the closest and lists the valid ones), or a
+            value of the wrong type (the message names the key).
     """
+    classes: dict[str, type] = {"protocol": Protocol, "rcs": RCSConfig, "sfr": SFRConfig}
     groups: dict[str, dict[str, Any]] = {"protocol": {}, "rcs": {}, "sfr": {}}
     for key, value in overrides.items():
         if key in _ALIASES:
@@ -62,10 +136,8 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
         elif key.startswith("sfr_") and key[4:] in _field_names(SFRConfig):
             group, name = "sfr", key[4:]
         else:
-            raise TypeError(f"unknown setting {key!r}; valid settings: {', '.join(valid_overrides())}")
-        if name == "layers":
-            value = tuple(value)
-        groups[group][name] = value
+            raise TypeError(unknown_setting_message(key))
+        groups[group][name] = check_override(key, classes[group], name, value)
     return dataclasses.replace(
         preset,
         protocol=dataclasses.replace(preset.protocol, **groups["protocol"]),
@@ -135,7 +207,9 @@ def create_segmenter(
     """Build a segmenter.
 
     Args:
-        method: base attention of the last block, one of :func:`resclip.list_methods`.
+        method: base attention of the last block, one of :func:`resclip.list_methods`, or
+            ``"resclip"``: ResCLIP, i.e. ``"naclip"`` with RCS and SFR (the name ``resclip compare``
+            uses; ``rcs=False`` or ``sfr=False`` with it is an error).
         rcs: apply RCS (residual cross-correlation self-attention).
         sfr: apply SFR (semantic feedback refinement).
         preset: inference settings, one of :func:`resclip.list_presets` (``"voc21"``,
@@ -158,6 +232,11 @@ def create_segmenter(
         >>> seg = create_segmenter("naclip", preset="voc21", pretrained="/path/ViT-B-16.pt")  # doctest: +SKIP
         >>> seg.predict("cat.jpg", ["background", "cat"]).mask.shape  # doctest: +SKIP
     """
+    if str(method).lower() == METHOD_ALIAS:
+        if not (rcs and sfr):
+            raise ValueError(f"method={METHOD_ALIAS!r} is naclip with RCS and SFR; "
+                             f"for naclip without one of them use method='naclip' with rcs= / sfr=")
+        method = "naclip"
     base = get_method(method)
     chosen = get_preset(preset)
     if fidelity is not None:

@@ -10,12 +10,15 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from ..factory import create_segmenter, valid_overrides
 from ..fileio import atomic_write
-from ..methods import list_methods
-from ..segmenter import Segmenter
+from .list_cmd import METHOD_NAMES
+
+if TYPE_CHECKING:  # the CLI parser is built without torch: heavy modules are imported when used
+    from ..segmenter import Segmenter
+
+METHOD_ALIAS = "resclip"  # = naclip + RCS + SFR (resclip.factory.METHOD_ALIAS)
 
 
 class UserError(Exception):
@@ -27,7 +30,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_preset: str 
     --precision, --fidelity and repeated --set KEY=VALUE."""
     g = parser.add_argument_group("model and method")
     g.add_argument(
-        "--method", default="naclip", choices=list_methods(), help="base attention (default: naclip)"
+        "--method",
+        default="naclip",
+        choices=[*METHOD_NAMES, METHOD_ALIAS],
+        help="base attention (default: naclip); 'resclip' is naclip with RCS and SFR",
     )
     g.add_argument(
         "--rcs", action=argparse.BooleanOptionalAction, default=True, help="apply RCS (default: on)"
@@ -80,6 +86,9 @@ def add_runtime_arguments(group: Any, set_help: str = SET_HELP) -> None:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse ``KEY=VALUE`` strings; values are Python literals (numbers, tuples, None) or strings."""
+    from ..factory import apply_overrides, unknown_setting_message, valid_overrides
+    from ..presets import get_preset
+
     out: dict[str, Any] = {}
     valid = set(valid_overrides())
     for item in items:
@@ -88,11 +97,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         if key not in valid:
-            raise UserError(f"--set {key}: unknown setting; valid: {', '.join(sorted(valid))}")
+            raise UserError(f"--set {unknown_setting_message(key)}")
         try:
             out[key] = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             out[key] = raw.strip()
+    try:  # check every value's type now, with its key named, before any model is loaded
+        apply_overrides(get_preset("default"), out)
+    except TypeError as err:
+        raise UserError(f"--set {err}") from err
+    except ValueError:
+        pass  # a combination the chosen preset may accept: create_segmenter checks it
     return out
 
 
@@ -102,7 +117,15 @@ def segmenter_from_args(args: argparse.Namespace, overrides: dict[str, Any] | No
     Args:
         overrides: settings that replace ``--set`` ones (e.g. one point of a sweep).
     """
+    from ..clip import resolve_device
+    from ..factory import create_segmenter
+
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    warn_precision(resolve_device(args.device).type, args.precision)
+    rcs, sfr = args.rcs, args.sfr
+    if args.method == METHOD_ALIAS and not (rcs and sfr):
+        raise UserError("--method resclip is naclip with RCS and SFR; "
+                        "use --method naclip with --no-rcs / --no-sfr instead")
     return create_segmenter(
         method=args.method,
         rcs=args.rcs,
@@ -116,6 +139,16 @@ def segmenter_from_args(args: argparse.Namespace, overrides: dict[str, Any] | No
         window_batch=args.window_batch,
         **{**parse_overrides(args.overrides), **(overrides or {})},
     )
+
+
+def warn_precision(device_type: str, precision: str) -> None:
+    """Warn that fp16 / bf16 on the CPU is slower than fp32 (about 3x for fp16), not faster."""
+    if device_type == "cpu" and precision != "fp32":
+        warnings.warn(
+            f"--precision {precision} on the CPU is slower than fp32 (fp16 about 3x), not faster; "
+            "half precision pays off on a GPU only",
+            stacklevel=2,
+        )
 
 
 @contextlib.contextmanager

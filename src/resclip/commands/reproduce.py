@@ -319,7 +319,13 @@ def run(args: argparse.Namespace) -> int:
 def _write_summary(
     table: PaperTable, rows: list[Row], grid: list[list[Cell]], args: argparse.Namespace, runs_dir: Path
 ) -> None:
-    """Print the table; unless --dry-run, write its JSON summary and Markdown next to --output."""
+    """Print the table; unless --dry-run, write its JSON summary and Markdown next to --output.
+
+    Rows of an earlier run in the same --output (same table, --limit and --set) that this run did
+    not redo are kept, so runs with different --rows add up to one table.
+    """
+    if not args.dry_run:
+        rows, grid = merge_previous(Path(args.output), table, rows, grid, args)
     text = markdown(table, rows, grid, args.limit)
     print(text)
     if not args.dry_run:
@@ -327,3 +333,51 @@ def _write_summary(
         atomic_write_text(out, summary_json(table, rows, grid, args))
         atomic_write_text(out.with_suffix(".md"), text)
         print(f"wrote {out}, {out.with_suffix('.md')} (per-run results in {runs_dir})")
+
+
+def merge_previous(
+    out: Path, table: PaperTable, rows: list[Row], grid: list[list[Cell]], args: argparse.Namespace
+) -> tuple[list[Row], list[list[Cell]]]:
+    """``rows`` and ``grid`` plus the rows of the summary already at ``out`` that this run did not
+    redo, in the paper table's order. A summary of another table, ``--limit`` or ``--set`` is
+    replaced (with a warning), an unreadable one too."""
+    try:
+        old = json.loads(out.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return rows, grid
+    except (OSError, ValueError) as err:
+        print(f"resclip: warning: {str(out)!r} is not a readable summary ({err}); replacing it",
+              file=sys.stderr)
+        return rows, grid
+    if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
+        print(f"resclip: warning: {str(out)!r} is not a reproduce summary; replacing it", file=sys.stderr)
+        return rows, grid
+    same = {"table": table.id, "limit": args.limit, "overrides": list(args.overrides)}
+    differ = [k for k, v in same.items() if old.get(k) != v]
+    if differ:
+        print(f"resclip: warning: {str(out)!r} holds a run with another {', '.join(differ)}; "
+              "replacing it (give another --output to keep both)", file=sys.stderr)
+        return rows, grid
+    done = {(r.label, r.backbone): (r, cells) for r, cells in zip(rows, grid, strict=True)}
+    previous: dict[tuple[str, str], list[Cell]] = {}
+    for item in old["rows"]:
+        if not isinstance(item, dict) or not isinstance(item.get("cells"), dict):
+            continue
+        cells = []
+        for col in table.columns:
+            c = item["cells"].get(col.label) or {}
+            cells.append(Cell(c.get("ours"), c.get("paper"), c.get("note") or ""))
+        previous[(str(item.get("label")), str(item.get("backbone")))] = cells
+    merged_rows, merged_grid = [], []
+    for row in table.rows:
+        key = (row.label, row.backbone)
+        if key in done:
+            merged_rows.append(done[key][0])
+            merged_grid.append(done[key][1])
+        elif key in previous:
+            merged_rows.append(row)
+            merged_grid.append(previous[key])
+    kept = len(merged_rows) - len(done)
+    if kept:
+        print(f"kept {kept} row{'s' if kept != 1 else ''} of the earlier run in {out}", file=sys.stderr)
+    return merged_rows, merged_grid

@@ -17,7 +17,9 @@ Policies (all checked before the model loads, so nothing is written on a bad com
   (``"photos/**/*.jpg"``); a file named twice is processed once;
 * two inputs with the same stem (``a/x.jpg`` and ``b/x.png``) would write the same files: that is an
   error naming both; give them separate ``--out`` folders;
-* existing output files are kept unless ``--overwrite``; the error names the first one found.
+* an image whose outputs are complete (all three files, the JSON naming the same settings) is
+  skipped, so an interrupted run resumes; other existing output files are kept unless
+  ``--overwrite``; the error names the first one found.
 
 A bad image (unreadable, truncated, too thin) among several is reported on one line, the others are
 still written, and the command exits with status 2 at the end. An image's three files are written
@@ -39,21 +41,28 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import numpy as np
-import torch
-from PIL import Image
-from tqdm import tqdm
-
-from .. import __version__, viz
-from ..classes import ClassSpec, load_classes
-from ..eval.loop import segment_mask as segment_array  # re-exported: compare and the demo use it
+from .. import __version__
 from ..fileio import atomic_write_all
 from ..palettes import PALETTES
-from ..preprocess import load_image
-from ..segmenter import Segmenter
 from .common import UserError, add_model_arguments, cli_warnings, segmenter_from_args
+
+if TYPE_CHECKING:  # `resclip segment --help` must not import torch: heavy modules load in `run`
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ..classes import ClassSpec
+    from ..segmenter import Segmenter
+
+
+def segment_array(seg: Segmenter, rgb: np.ndarray, classes: ClassSpec, text: torch.Tensor) -> np.ndarray:
+    """:func:`resclip.eval.loop.segment_mask` (compare, attention and the demo use it from here)."""
+    from ..eval.loop import segment_mask
+
+    return segment_mask(seg, rgb, classes, text)
+
 
 NAME = "segment"
 HELP = "segment images with your own class names; writes a mask PNG, an overlay and a JSON per image"
@@ -69,10 +78,14 @@ classes, so add a catch-all such as 'background' or 'other' if parts of the phot
 
 Images: JPEG, PNG, TIFF, BMP, WebP...; 16-bit, CMYK, RGBA (composited on white), palette and
 grayscale images are converted to RGB and EXIF orientation is applied, so masks match the photo as
-viewers show it. Images smaller than a patch are scaled up like any other; images above
---max-megapixels are processed from a downscaled copy, never smaller than what the model sees
-(the preset's 336-px short side), and the mask is scaled back (nearest) to the original size,
-which bounds memory.
+viewers show it. Images smaller than a patch are scaled up like any other; every image is
+resized for the network (the preset's 336-px short side, long side at most 2048 px) and the mask
+is computed back at the original size in bands of rows, which bounds memory.
+
+Resuming: an image whose three files already exist, with a JSON naming the same settings, classes,
+palette and alpha, is skipped (the count is printed), so an interrupted run picks up where it
+stopped; --overwrite redoes every image. Files are written all-or-nothing, so a half-written image
+is never mistaken for a finished one.
 
 Classes: --classes "cat; sofa; sky, clouds" (';' or newlines between classes, ',' between
 synonyms; the first synonym names the class) or --class-file (UTF-8, one class per line). Empty
@@ -101,6 +114,8 @@ def image_bytes(img: Image.Image, suffix: str = ".png") -> bytes:
     Raises:
         UserError: an extension Pillow cannot write.
     """
+    from PIL import Image
+
     fmt = Image.registered_extensions().get(suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise UserError(f"cannot write {suffix!r} pictures; use .png")
@@ -170,9 +185,63 @@ def plan_jobs(images: Sequence[Path], out: Path, overwrite: bool) -> list[Job]:
         owners[key] = image
         jobs.append(Job(image, out / f"{stem}_mask.png", out / f"{stem}_overlay.png", out / f"{stem}.json"))
     for job in jobs:
+        if overwrite or finished_record(job) is not None:
+            continue  # a finished image: skipped or refused by `split_finished` once settings are known
         for path in (job.mask, job.overlay, job.json):
             check_output(path, overwrite)
     return jobs
+
+
+def finished_record(job: Job) -> dict[str, Any] | None:
+    """The JSON record of ``job`` if its three files exist and the JSON parses, else None."""
+    if not all(p.is_file() for p in (job.mask, job.overlay, job.json)):
+        return None
+    try:
+        record = json.loads(job.json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def expected_record(spec: ClassSpec, seg: Segmenter, palette: str, alpha: float, job: Job) -> dict[str, Any]:
+    """What a finished image's JSON must hold for this run (settings, classes, output options)."""
+    classes = [{"name": name, "synonyms": [q for q, c in zip(spec.queries, spec.query_to_class, strict=True)
+                                           if c == index]}
+               for index, name in enumerate(spec.names)]
+    # through JSON, as the record was stored (tuples become lists)
+    return json.loads(json.dumps({
+        "settings": seg.config.to_dict(),
+        "classes": classes,
+        "output": {"alpha": alpha, "palette": palette},
+        "mask": job.mask.name,
+        "overlay": job.overlay.name,
+    }))
+
+
+def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter, palette: str,
+                   alpha: float) -> tuple[list[Job], list[Job]]:
+    """(jobs to run, jobs already finished with these settings).
+
+    Raises:
+        UserError: a job whose files exist but were written with other settings or classes.
+    """
+    todo, done = [], []
+    for job in jobs:
+        record = finished_record(job)
+        if record is None:
+            todo.append(job)
+            continue
+        want = expected_record(spec, seg, palette, alpha, job)
+        got = {key: record.get(key) for key in want}
+        if key_classes := got.get("classes"):
+            got["classes"] = [{"name": c.get("name"), "synonyms": c.get("synonyms")}
+                              for c in key_classes if isinstance(c, dict)]
+        if got != want:
+            differ = ", ".join(k for k in want if got.get(k) != want[k])
+            raise UserError(f"{str(job.json)!r} exists with other {differ}; pass --overwrite to replace "
+                            "it (nothing was written)")
+        done.append(job)
+    return todo, done
 
 
 # ------------------------------------------------------------------------------------------- outputs
@@ -181,6 +250,10 @@ def plan_jobs(images: Sequence[Path], out: Path, overwrite: bool) -> list[Job]:
 def result_record(image: Path | str, mask: np.ndarray, spec: ClassSpec, seg: Segmenter, palette: str,
                   alpha: float, files: dict[str, str]) -> dict[str, Any]:
     """The JSON record of one segmented image."""
+    import numpy as np
+
+    from .. import viz
+
     counts = viz.pixel_counts(mask, spec.num_classes)
     total = max(int(counts.sum()), 1)
     colours = viz.colorize(np.arange(spec.num_classes).reshape(1, -1), palette)[0]
@@ -226,6 +299,8 @@ def write_outputs(job: Job, rgb: np.ndarray, mask: np.ndarray, spec: ClassSpec, 
         resclip.fileio.OutputError: naming the file that could not be written; none of the three is
             left behind (an existing one being replaced keeps its old content).
     """
+    from .. import viz
+
     mask_png = io.BytesIO()
     viz.mask_image(mask, spec.num_classes, palette).save(mask_png, format="PNG")
     overlay = image_bytes(viz.overlay_with_legend(rgb, mask, spec.names, alpha, palette))
@@ -250,7 +325,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "between synonyms)")
     src.add_argument("--class-file", help="UTF-8 text file, one class per line, synonyms separated by ','")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files (default: skip images already segmented "
+                        "with the same settings, refuse other existing files)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="colour weight of the overlay, 0..1 (default: 0.5)")
     parser.add_argument("--palette", choices=PALETTES, default="voc",
@@ -262,6 +339,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Segment every image; returns 0, or 2 when some images failed."""
+    from ..classes import load_classes
+
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
     spec = load_classes(args.classes, args.class_file)
@@ -271,12 +350,26 @@ def run(args: argparse.Namespace) -> int:
     seg = segmenter_from_args(args)
     spec, emb = seg.encode_classes(cast(Any, spec))
     seg.release_text_tower()  # the classes are fixed for the run: only the visual tower is needed
+    skipped: list[Job] = []
+    if not args.overwrite:
+        jobs, skipped = split_finished(jobs, spec, seg, args.palette, args.alpha)
+    if skipped and not args.quiet:
+        n = len(skipped)
+        print(f"skipped {n} image{'s' if n != 1 else ''} already segmented with these settings in "
+              f"{args.out} (--overwrite redoes them)")
     out.mkdir(parents=True, exist_ok=True)
     return _process(jobs, seg, spec, emb, args)
 
 
 def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Tensor,
              args: argparse.Namespace) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from ..preprocess import load_image
+
+    if not jobs:
+        return 0
     failed: list[str] = []
     bar = tqdm(jobs, desc="segment", unit="image", disable=True if args.quiet or len(jobs) < 2 else None)
     for job in bar:
