@@ -151,3 +151,13 @@ def settings(tiny_ckpt: Path) -> object:
     from resclip import demo
 
     return demo.DemoSettings(pretrained=str(tiny_ckpt), device="cpu", overrides=DEMO_FAST)
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A small two-colour noisy photo (60 x 90) for runs that only need some image."""
+    rng = np.random.default_rng(1)
+    img = np.zeros((60, 90, 3), dtype=np.uint8)
+    img[:, :45] = (200, 40, 40)
+    img[:, 45:] = (30, 90, 220)
+    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)

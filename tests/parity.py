@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import torch
 
 # The golden vectors were recorded on an AVX2 AMD EPYC CPU. Another CPU's BLAS and vector kernels round
 # fp32 differently (the released code itself would differ by as much there): on an AVX-512 Intel Xeon,
@@ -23,3 +26,27 @@ def assert_parity(actual: object, desired: object, atol: float) -> None:
     over = err > atol
     if over.any() and (over.mean() > CROSS_CPU_FRACTION or float(err.max()) > CROSS_CPU_FACTOR * atol):
         np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+# the golden sets' small class lists (manifest.json, class_files)
+VOCLIKE = [
+    "sky, wall, tree, grass", "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat",
+    "chair", "person, person in shirt, person in jeans", "television monitor, screen",
+]
+ADELIKE = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed"]
+TOK, LOGIT = 1e-4, 1e-5  # tokens, logits and probabilities
+
+
+def load_golden(name: str) -> dict[str, np.ndarray]:
+    """Every array of one golden npz file."""
+    with np.load(GOLDEN / name, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def within(got: torch.Tensor | np.ndarray, want: np.ndarray, atol: float, what: str) -> float:
+    """Assert ``max |got - want| <= atol`` (vectors recorded on this CPU kind); return the max."""
+    arr = got.numpy() if isinstance(got, torch.Tensor) else got
+    err = float(np.abs(arr - want).max()) if want.size else 0.0
+    assert err <= atol, f"{what}: max |diff| {err:.2e} > {atol:.0e}"
+    return err

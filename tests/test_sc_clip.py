@@ -13,27 +13,20 @@ import torch
 import torch.nn.functional as F
 
 import resclip
+from parity import ADELIKE, GOLDEN, LOGIT, TOK, VOCLIKE, load_golden, within
 from resclip.cli import main
 from resclip.engine import WindowTrace
 from resclip.methods import get_method
 from resclip.methods.calibration import lof_scores, neighbour_mean, top_quantile
 from resclip.preprocess import normalise, window_coords
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
 BENCH = Path(__file__).parent / "data" / "benchmarks"
-VOCLIKE = [
-    "sky, wall, tree, grass", "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat",
-    "chair", "person, person in shirt, person in jeans", "television monitor, screen",
-]
-ADELIKE = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed"]
 CLASSES = {"voclike": VOCLIKE, "adelike": ADELIKE}
-TOK, LOGIT = 1e-4, 1e-5
 
 
 @pytest.fixture(scope="module")
 def sc() -> dict[str, np.ndarray]:
-    with np.load(GOLDEN / "golden_sc_clip.npz", allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return load_golden("golden_sc_clip.npz")
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +38,6 @@ def _seg(ckpt: Path, preset: str = "sc_clip/voc21", rcs: bool = False, sfr: bool
     with pytest.warns(UserWarning, match="custom ViT"):
         return resclip.create_segmenter(method="sc_clip", rcs=rcs, sfr=sfr, preset=preset,
                                         pretrained=str(ckpt), text_cache=False, **kw)
-
-
-def _close(got: torch.Tensor | np.ndarray, want: np.ndarray, atol: float, what: str) -> float:
-    got = got.numpy() if isinstance(got, torch.Tensor) else got
-    err = float(np.abs(got - want).max()) if want.size else 0.0
-    assert err <= atol, f"{what}: max |diff| {err:.2e} > {atol:.0e}"
-    return err
 
 
 # ---------------------------------------------------------------- single windows, stage by stage
@@ -76,27 +62,27 @@ def test_window_stages(golden, sc, golden_ckpt_b16, golden_ckpt_b32, name):
     outliers = torch.nonzero(st["outliers"]).flatten().numpy()
     np.testing.assert_array_equal(outliers, sc[f"{name}__outlier_idx"])
     np.testing.assert_array_equal(np.stack([outliers // w, outliers % w], 1), sc[f"{name}__outlier_rc"])
-    _close(st["lof_scores"], sc[f"{name}__lof_scores"], TOK, "lof")
+    within(st["lof_scores"], sc[f"{name}__lof_scores"], TOK, "lof")
     rows = sc.get(f"{name}__row_idx")
     sfx = "_rows" if rows is not None else ""
     tok_rows = slice(None) if rows is None else rows
     blk_rows = slice(None) if rows is None else np.concatenate([[0], rows + 1])
     blocks = {3: trace.blocks[3][0], 8: trace.blocks[8][0], 10: trace.pre_last_block_x[0]}
     for i, value in blocks.items():
-        _close(value[blk_rows], sc[f"{name}__blk{i}_out{sfx}"], TOK, f"block {i}")
-    _close(st["multilevel_sum"][blk_rows], sc[f"{name}__multilevel_sum{sfx}"], TOK, "multi-level sum")
-    _close(st["repaired_last"][outliers], sc[f"{name}__repaired_blk10_at_outliers"], TOK, "repaired 10")
-    _close(st["repaired_pre"][outliers], sc[f"{name}__repaired_blk8_at_outliers"], TOK, "repaired 8")
+        within(value[blk_rows], sc[f"{name}__blk{i}_out{sfx}"], TOK, f"block {i}")
+    within(st["multilevel_sum"][blk_rows], sc[f"{name}__multilevel_sum{sfx}"], TOK, "multi-level sum")
+    within(st["repaired_last"][outliers], sc[f"{name}__repaired_blk10_at_outliers"], TOK, "repaired 10")
+    within(st["repaired_pre"][outliers], sc[f"{name}__repaired_blk8_at_outliers"], TOK, "repaired 8")
     simi = sc[f"{name}__simi_row_idx"]
-    _close(st["mid_simi"][simi], sc[f"{name}__mid_simi_rows"], TOK, "mid similarity")
-    _close(st["after_simi"][simi], sc[f"{name}__after_simi_rows"], TOK, "after similarity")
+    within(st["mid_simi"][simi], sc[f"{name}__mid_simi_rows"], TOK, "mid similarity")
+    within(st["after_simi"][simi], sc[f"{name}__after_simi_rows"], TOK, "after similarity")
     for key in ("agg1", "attn1", "agg2", "attn2", "agg3", "pre_ln_post"):
-        _close(st[key][tok_rows], sc[f"{name}__{key}{sfx}"], TOK, key)
+        within(st[key][tok_rows], sc[f"{name}__{key}{sfx}"], TOK, key)
     assert trace.tokens is not None and trace.attn is None
-    _close(trace.tokens[0], sc[f"{name}__tokens"], TOK, "tokens")
-    _close(logits[0], sc[f"{name}__patch_logits"], LOGIT, "patch logits")
+    within(trace.tokens[0], sc[f"{name}__tokens"], TOK, "tokens")
+    within(logits[0], sc[f"{name}__patch_logits"], LOGIT, "patch logits")
     up = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)[0].flatten(1)
-    _close(up[:, sc[f"{name}__window_logits_idx"]], sc[f"{name}__window_logits_samples"], LOGIT, "window")
+    within(up[:, sc[f"{name}__window_logits_idx"]], sc[f"{name}__window_logits_samples"], LOGIT, "window")
 
 
 # ---------------------------------------------------------------- sliding windows and full images
@@ -131,15 +117,15 @@ def test_full_image_parity(golden, sc, ckpts, fam, img):
     assert res.mask.shape == image.shape[:2]
     if fam == logits_fam:
         idx = sc[f"{prefix}__slide_logits_idx"]
-        _close(res.logits.reshape(res.logits.shape[0], -1)[:, idx], sc[f"{prefix}__slide_logits_samples"],
+        within(res.logits.reshape(res.logits.shape[0], -1)[:, idx], sc[f"{prefix}__slide_logits_samples"],
                LOGIT, "slide logits")
         full = res.full.logits_full()
-        _close(full.reshape(full.shape[0], -1)[:, sc[f"{prefix}__final_idx"]],
+        within(full.reshape(full.shape[0], -1)[:, sc[f"{prefix}__final_idx"]],
                sc[f"{prefix}__final_logits_samples"], LOGIT, "final logits")
     fidx = sc[f"{lprefix}__final_idx"]
     want = sc[f"{prefix}__probs_samples"]
     want = want / want.sum(axis=0, keepdims=True)  # the release does not renormalise
-    _close(res.probs.reshape(res.probs.shape[0], -1)[:, fidx], want, LOGIT, "probabilities")
+    within(res.probs.reshape(res.probs.shape[0], -1)[:, fidx], want, LOGIT, "probabilities")
     stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
     stable[sc[f"{prefix}__pred_unstable_idx"]] = False
     np.testing.assert_array_equal(res.mask.reshape(-1)[stable], sc[f"{prefix}__pred"].reshape(-1)[stable])
@@ -161,7 +147,7 @@ def test_every_window(golden, sc, ckpts, fam, img):
     trace = WindowTrace()
     logits = seg.engine.window_logits(crops, text, torch.tensor(spec.query_to_class), trace)
     for k in range(len(boxes)):
-        _close(logits[k], sc[f"{prefix}__win{k}__patch_logits"], LOGIT, f"window {k}")
+        within(logits[k], sc[f"{prefix}__win{k}__patch_logits"], LOGIT, f"window {k}")
         got = torch.nonzero(trace.stages["outliers"][k]).flatten().numpy()
         np.testing.assert_array_equal(got, sc[f"{prefix}__win{k}__outlier_idx"])
 
@@ -220,15 +206,6 @@ def test_lof_variants_and_repair_by_hand():
 
 
 # ---------------------------------------------------------------- composition and robustness
-@pytest.fixture(scope="module")
-def photo() -> np.ndarray:
-    rng = np.random.default_rng(1)
-    img = np.zeros((60, 90, 3), dtype=np.uint8)
-    img[:, :45] = (200, 40, 40)
-    img[:, 45:] = (30, 90, 220)
-    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-
-
 SMALL = {"short_side": 96, "slide_crop": 64, "slide_stride": 32, "rcs_layers": (2, 3)}
 
 

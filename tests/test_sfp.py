@@ -11,25 +11,18 @@ import pytest
 import torch
 
 import resclip
+from parity import ADELIKE, GOLDEN, LOGIT, TOK, VOCLIKE, load_golden, within
 from resclip.cli import main
 from resclip.engine import WindowTrace
 from resclip.methods.calibration import salient_outliers
 from resclip.preprocess import normalise, window_coords
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
 BENCH = Path(__file__).parent / "data" / "benchmarks"
-VOCLIKE = [
-    "sky, wall, tree, grass", "aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat",
-    "chair", "person, person in shirt, person in jeans", "television monitor, screen",
-]
-ADELIKE = ["wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed"]
-TOK, LOGIT = 1e-4, 1e-5
 
 
 @pytest.fixture(scope="module")
 def sfp() -> dict[str, np.ndarray]:
-    with np.load(GOLDEN / "golden_sfp.npz", allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    return load_golden("golden_sfp.npz")
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +34,6 @@ def _seg(ckpt: Path, preset: str = "sfp/voc21", rcs: bool = False, sfr: bool = F
     with pytest.warns(UserWarning, match="custom ViT"):
         return resclip.create_segmenter(method="sfp", rcs=rcs, sfr=sfr, preset=preset,
                                         pretrained=str(ckpt), text_cache=False, **kw)
-
-
-def _close(got: torch.Tensor | np.ndarray, want: np.ndarray, atol: float, what: str) -> float:
-    got = got.numpy() if isinstance(got, torch.Tensor) else got
-    err = float(np.abs(got - want).max()) if want.size else 0.0
-    assert err <= atol, f"{what}: max |diff| {err:.2e} > {atol:.0e}"
-    return err
 
 
 def _flat(rc: np.ndarray, w: int) -> list[int]:
@@ -75,25 +61,25 @@ def test_window_stages(golden, sfp, ckpts, name):
     p = f"{name}__sfp__"
     outliers = torch.nonzero(st["outliers"]).flatten().tolist()
     assert outliers == _flat(sfp[f"{p}outlier_rc"], w)
-    _close(st["som_cls_to_patch"], sfp[f"{p}som_cls_to_patch"], LOGIT, "SOM cls->patch")
-    _close(st["som_patch_self"], sfp[f"{p}som_patch_self"], LOGIT, "SOM self")
+    within(st["som_cls_to_patch"], sfp[f"{p}som_cls_to_patch"], LOGIT, "SOM cls->patch")
+    within(st["som_patch_self"], sfp[f"{p}som_patch_self"], LOGIT, "SOM self")
     if f"{p}hidden_b10" in sfp:
-        _close(trace.pre_last_block_x[0], sfp[f"{p}hidden_b10"], TOK, "block 10")
+        within(trace.pre_last_block_x[0], sfp[f"{p}hidden_b10"], TOK, "block 10")
         multi = st["multilevel_sum"]
-        _close(multi[0], sfp[f"{p}patch_state_sum_cls"], TOK, "multi-level CLS")
-        _close(multi[1:].norm(dim=-1), sfp[f"{p}patch_state_sum_patch_norms"], TOK, "multi-level norms")
+        within(multi[0], sfp[f"{p}patch_state_sum_cls"], TOK, "multi-level CLS")
+        within(multi[1:].norm(dim=-1), sfp[f"{p}patch_state_sum_patch_norms"], TOK, "multi-level norms")
         order = sfp[f"{p}outlier_rc"][:, 0] * w + sfp[f"{p}outlier_rc"][:, 1]
-        _close(st["repaired_last"][order], sfp[f"{p}purified_b10_rows"], TOK, "purified")
+        within(st["repaired_last"][order], sfp[f"{p}purified_b10_rows"], TOK, "purified")
         for key in ("pre_sim", "post_sim"):
-            _close(st[key], sfp[f"{p}{key}"], LOGIT, key)
+            within(st[key], sfp[f"{p}{key}"], LOGIT, key)
         for key in ("agg_pre", "branch1_attn", "branch1_out", "branch2_attn", "branch2_out"):
-            _close(st[key], sfp[f"{p}{key}"], TOK, key)
-    _close(trace.tokens[0], sfp[f"{p}tokens"], TOK, "tokens")
-    _close(logits[0], sfp[f"{p}patch_logits"], LOGIT, "patch logits")
+            within(st[key], sfp[f"{p}{key}"], TOK, key)
+    within(trace.tokens[0], sfp[f"{p}tokens"], TOK, "tokens")
+    within(logits[0], sfp[f"{p}patch_logits"], LOGIT, "patch logits")
     if f"{p}patch_logits_protos" in sfp:
         protos = torch.from_numpy(sfp["classifier__sfp_protos"])
         again = seg.engine.window_logits(x, protos, torch.zeros(protos.shape[0], dtype=torch.long))
-        _close(again[0], sfp[f"{p}patch_logits_protos"], LOGIT, "patch logits (protos)")
+        within(again[0], sfp[f"{p}patch_logits_protos"], LOGIT, "patch logits (protos)")
 
 
 # ---------------------------------------------------------------- sliding windows and full images
@@ -122,14 +108,14 @@ def test_full_image_parity(golden, sfp, ckpts, run, img):
     res = seg.predict(image, lines, embeddings=_classifier(golden, sfp, cls))
     if f"{prefix}__slide_logits_idx" in sfp:
         idx = sfp[f"{prefix}__slide_logits_idx"]
-        _close(res.logits.reshape(res.logits.shape[0], -1)[:, idx], sfp[f"{prefix}__slide_logits_samples"],
+        within(res.logits.reshape(res.logits.shape[0], -1)[:, idx], sfp[f"{prefix}__slide_logits_samples"],
                LOGIT, "slide logits")
     fidx = sfp[f"{prefix}__final_idx"]
     full = res.full.logits_full()
-    _close(full.reshape(full.shape[0], -1)[:, fidx], sfp[f"{prefix}__final_logits_samples"], LOGIT, "final")
+    within(full.reshape(full.shape[0], -1)[:, fidx], sfp[f"{prefix}__final_logits_samples"], LOGIT, "final")
     want = sfp[f"{prefix}__probs_samples"]
     want = want / want.sum(axis=0, keepdims=True)  # the release does not renormalise
-    _close(res.probs.reshape(res.probs.shape[0], -1)[:, fidx], want, LOGIT, "probabilities")
+    within(res.probs.reshape(res.probs.shape[0], -1)[:, fidx], want, LOGIT, "probabilities")
     stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
     stable[sfp[f"{prefix}__pred_unstable_idx"]] = False
     np.testing.assert_array_equal(res.mask.reshape(-1)[stable], sfp[f"{prefix}__pred"].reshape(-1)[stable])
@@ -149,7 +135,7 @@ def test_every_window(golden, sfp, ckpts, run, img):
     trace = WindowTrace()
     logits = seg.engine.window_logits(crops, text, torch.tensor(spec.query_to_class), trace)
     for k in range(len(boxes)):
-        _close(logits[k], sfp[f"{prefix}__win{k}__patch_logits"], LOGIT, f"window {k}")
+        within(logits[k], sfp[f"{prefix}__win{k}__patch_logits"], LOGIT, f"window {k}")
         got = torch.nonzero(trace.stages["outliers"][k]).flatten().tolist()
         want = sfp[f"{prefix}__outlier_loc"][k]
         assert got == sorted(int(i) for i in want if i >= 0)
@@ -183,15 +169,6 @@ def test_som_picks_at_most_k_salient_patches_by_cls_attention():
     assert out[0].tolist() == [True, False, True, False, False]  # 0.3 is salient but third
     out, _, _ = salient_outliers(attn, 1.0, 10)
     assert out[0].tolist() == [True, False, True, True, False]
-
-
-@pytest.fixture(scope="module")
-def photo() -> np.ndarray:
-    rng = np.random.default_rng(1)
-    img = np.zeros((60, 90, 3), dtype=np.uint8)
-    img[:, :45] = (200, 40, 40)
-    img[:, 45:] = (30, 90, 220)
-    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
 
 
 @pytest.mark.parametrize(("rcs", "sfr", "pamr"), [(True, False, 0), (False, True, 0), (True, True, 10)])
