@@ -23,6 +23,7 @@ from .vit import (
     project_tokens,
 )
 
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class SFRTrace(RefinementTrace):
@@ -240,8 +241,9 @@ class DenseEngine:
         trunk = self._trunk(crops)
         keep = trace is not None
         sfr_trace = SFRTrace() if keep else None
-        refine = self._refinement(crops, trunk, text, query_to_class, sfr_trace)
-        tokens, attn = self._forward(trunk, refine, keep, trace.stages if trace is not None else None)
+        qkv = self._last_qkv(trunk)  # shared by SFR's first pass and the final pass
+        refine = self._refinement(crops, trunk, text, query_to_class, sfr_trace, qkv)
+        tokens, attn = self._forward(trunk, refine, keep, trace.stages if trace is not None else None, qkv)
         if trace is not None:
             trace.pre_last_block_x, trace.rcs_attn, trace.blocks = trunk.x, trunk.rcs_attn, trunk.blocks
             trace.tokens, trace.attn = tokens, attn
@@ -274,16 +276,23 @@ class DenseEngine:
         if self.sfr is not None and (text is None or query_to_class is None):
             raise ValueError("SFR refines attention with a first-pass segmentation: pass class embeddings")
         trunk = self._trunk(crops)
-        q, k, _ = last_block_qkv(self.visual.transformer.resblocks[-1], trunk.x)
+        qkv = self._last_qkv(trunk)
         refine = None
         if text is not None and query_to_class is not None:
-            refine = self._refinement(crops, trunk, text, query_to_class, None)
-        return self.attention(q, k, trunk.grid, trunk.rcs_attn, refine)
+            refine = self._refinement(crops, trunk, text, query_to_class, None, qkv)
+        assert qkv is not None  # a standard last block (checked above)
+        return self.attention(qkv[0], qkv[1], trunk.grid, trunk.rcs_attn, refine)
 
     def _trunk(self, crops: torch.Tensor) -> TrunkOutput:
         return encode_trunk(
             self.visual, crops, self.rcs_layers, self.explicit, self.keep_blocks, self.keep_attn
         )
+
+    def _last_qkv(self, trunk: TrunkOutput) -> QKV | None:
+        """The standard last block's ``q, k, v`` ``(B, H, T, d)``; None for a method's own last stage."""
+        if self.method.replaces_last_block:
+            return None
+        return last_block_qkv(self.visual.transformer.resblocks[-1], trunk.x)
 
     def _forward(
         self,
@@ -291,12 +300,13 @@ class DenseEngine:
         refine: torch.Tensor | None,
         keep: bool,
         stages: dict[str, torch.Tensor] | None,
+        qkv: QKV | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The last block, or the method's own last stage, on the trunk's output: projected tokens
-        and (standard block, ``keep``) its ``(B, H, T, T)`` attention."""
-        if self.method.replaces_last_block:
+        and (standard block, ``keep``) its ``(B, H, T, T)`` attention. ``qkv``: :meth:`_last_qkv`."""
+        if qkv is None:
             return self.method.last_stage(self._stage_context(trunk, refine, stages)), None
-        q, k, v = last_block_qkv(self.visual.transformer.resblocks[-1], trunk.x)
+        q, k, v = qkv
         av, attn = self.attend(q, k, v, trunk.grid, trunk.rcs_attn, refine, keep)
         return self._tokens(trunk.x, av), attn
 
@@ -333,12 +343,13 @@ class DenseEngine:
         text: torch.Tensor,
         query_to_class: torch.Tensor,
         trace: SFRTrace | None,
+        qkv: QKV | None,
     ) -> torch.Tensor | None:
         """SFR's first pass and its refinement scores ``(B, 1, T, T)``; None without SFR."""
         if self.sfr is None:
             return None
         keep = trace is not None
-        first_tokens, first_attn = self._forward(trunk, None, keep, None)
+        first_tokens, first_attn = self._forward(trunk, None, keep, None, qkv)
         first_logits = patch_logits(first_tokens, text, trunk.grid, first_identical_row(text))
         labels = pixel_labels(first_logits, crops, self.sfr, query_to_class)
         num_labels = text.shape[0] if self.sfr.label_level == "query" else int(query_to_class.max()) + 1
