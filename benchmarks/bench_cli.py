@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 
-COMMANDS = (["--help"], ["list", "methods"], ["segment", "--help"])
+COMMANDS = (["--help"], ["list", "methods"], ["segment", "--help"], ["compare", "--help"],
+            ["attention", "--help"], ["eval", "--help"], ["sweep", "--help"], ["reproduce", "--help"],
+            ["demo", "--help"], ["eval"])  # the last: an argument error
 RUNNER = "import sys; from resclip.cli import main; sys.exit(main())"
 
 

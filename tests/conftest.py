@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,6 +130,16 @@ CLI_FAST = ["--device", "cpu", "--set", "rcs_layers=(1,2)", "--set", "short_side
 DEMO_FAST = (
     ("rcs_layers", (1, 2)), ("sfr_first_pass_pamr_steps", 0), ("short_side", 128), ("slide_crop", 0)
 )
+
+
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``$RESCLIP_CACHE`` pointed at one session-wide text cache for a whole test module (modules
+    that run commands use it with ``pytestmark = pytest.mark.usefixtures("text_cache")``)."""
+    cache = tmp_path_factory.getbasetemp() / "resclip-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESCLIP_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture

@@ -162,8 +162,8 @@ def test_demo_errors(name: str, settings: demo.DemoSettings) -> None:
 
 def test_demo_page_shows_the_warnings(settings: demo.DemoSettings, tmp_path: Path) -> None:
     files = demo.SessionFiles(tmp_path / "served")
-    _, _, status = demo.handle_request(files, "s1", str(BIRD), "cat,dog; sky", "naclip", True, True, 0.5,
-                                       "voc", settings=settings)
+    status = demo.handle_request(files, "s1", str(BIRD), "cat,dog; sky", "naclip", True, True, 0.5,
+                                 "voc", settings=settings)[2]
     assert status.startswith("naclip + RCS + SFR")
     assert status.endswith("\n\nwarning: 'cat,dog' is one class with the synonyms 'cat' and 'dog'; separate "
                            "classes with ';' and synonyms with ', '")

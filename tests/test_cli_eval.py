@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +25,7 @@ VOC = BENCH / "VOCdevkit" / "VOC2012"
 FAST = ["--set", "short_side=64", "--set", "rcs_layers=(2,3)", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def text_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    cache = tmp_path_factory.getbasetemp() / "resclip-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESCLIP_CACHE", str(cache))
-        yield cache
+pytestmark = pytest.mark.usefixtures("text_cache")
 
 
 def _eval(ckpt: Path, *extra: str, root: Path = VOC) -> list[str]:
@@ -340,3 +334,32 @@ def test_cli_help_lists_the_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in ("eval", "reproduce", "sweep"))
+
+
+def test_reproduce_weights_must_match_their_label(tiny64: Path, tmp_path: Path, monkeypatch, capsys):
+    """An L/14 label on a ViT-B/16 file is refused before anything runs; a custom model is warned about."""
+    import resclip.clip
+
+    monkeypatch.setattr(resclip.clip, "checkpoint_architecture", lambda path: "ViT-B-16")
+    argv = ["reproduce", "--table", "A1", "--dry-run", "--output", str(tmp_path / "a.json")]
+    assert main([*argv, "--weights", f"L/14={tiny64}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--weights L/14={tiny64} holds a ViT-B-16 checkpoint, not ViT-L-14" in err
+    assert "label it B/16" in err and err.count("\n") == 1
+    assert main([*argv, "--weights", f"B/16={tiny64}"]) == 0  # the right label passes
+    monkeypatch.setattr(resclip.clip, "checkpoint_architecture", lambda path: None)
+    assert main([*argv, "--weights", f"L/14={tiny64}"]) == 0
+    assert "its shapes match no known architecture" in capsys.readouterr().err
+
+
+def test_checkpoint_architecture_reads_shapes(tiny64: Path, tmp_path: Path, monkeypatch):
+    import resclip.infer_arch
+    from resclip.clip import checkpoint_architecture
+
+    assert checkpoint_architecture(tiny64) is None  # a custom tiny model
+    state = torch.load(tiny64, weights_only=True)
+    summary = tuple(sorted(resclip.infer_arch._shape_summary(state, tiny64).items()))
+    monkeypatch.setattr(resclip.infer_arch, "_registered_shapes", lambda: (("ViT-Tiny-16", summary, 2, 1),))
+    assert checkpoint_architecture(tiny64) == "ViT-Tiny-16"
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        checkpoint_architecture(tmp_path / "none.pt")

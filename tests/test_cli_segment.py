@@ -16,7 +16,7 @@ import resclip.preprocess
 from conftest import CLI_FAST
 from resclip import viz
 from resclip.cli import main
-from resclip.palettes import voc_palette
+from resclip.palettes import class_palette, voc_palette
 
 BENCH = Path(__file__).parent / "data" / "benchmarks"
 VOC = BENCH / "VOCdevkit" / "VOC2012" / "JPEGImages"
@@ -26,6 +26,7 @@ BIRD = VOC / "crop_114.jpg"  # 513 x 513
 HOUSE = ADE / "ADE_val_00000001.jpg"  # 683 x 512
 TALL = COCO / "000000007977.jpg"  # 429 x 640
 CLASSES = "bird; water, lake; sky, clouds; background"
+NAMES = ["bird", "water", "sky", "background"]
 FAST = CLI_FAST
 
 
@@ -73,7 +74,9 @@ def test_segment_writes_mask_overlay_and_json(tmp_path, capsys, model):
         mask_img = Image.open(out / f"{photo.stem}_mask.png")
         assert mask_img.mode == "P" and mask_img.size == (w, h)
         palette = np.array(mask_img.getpalette()[: 3 * 256]).reshape(-1, 3)
-        np.testing.assert_array_equal(palette, voc_palette())
+        # the default "classes" palette: VOC colours 1, 2, 3 in order, black only for 'background'
+        np.testing.assert_array_equal(palette[:4], [*voc_palette(4)[1:], [0, 0, 0]])
+        np.testing.assert_array_equal(palette[4:], voc_palette()[4:])  # the rest as VOC
         mask = np.asarray(mask_img).astype(np.int64)
         assert mask.max() < 4
 
@@ -81,9 +84,10 @@ def test_segment_writes_mask_overlay_and_json(tmp_path, capsys, model):
         assert (record["width"], record["height"]) == (w, h)
         assert record["image"] == str(photo)
         assert record["mask"] == f"{photo.stem}_mask.png" and record["overlay"] == f"{photo.stem}_overlay.png"
-        assert [c["name"] for c in record["classes"]] == ["bird", "water", "sky", "background"]
+        names = [c["name"] for c in record["classes"]]
+        assert names == ["bird", "water", "sky", "background"]
         assert record["classes"][1]["synonyms"] == ["water", "lake"]
-        assert [c["color"] for c in record["classes"]] == voc_palette(4).tolist()
+        assert [c["color"] for c in record["classes"]] == [*voc_palette(4)[1:].tolist(), [0, 0, 0]]
         counts = np.bincount(mask.ravel(), minlength=4)
         assert [c["pixels"] for c in record["classes"]] == counts.tolist()
         assert sum(c["share"] for c in record["classes"]) == pytest.approx(1.0, abs=1e-5)
@@ -97,7 +101,7 @@ def test_segment_writes_mask_overlay_and_json(tmp_path, capsys, model):
         overlay = Image.open(out / f"{photo.stem}_overlay.png").convert("RGB")
         assert overlay.width > w and overlay.height >= h  # image at its size, legend strip to the right
         picture = np.asarray(overlay)
-        np.testing.assert_array_equal(picture[:h, :w], viz.overlay(rgb, mask, 0.5))
+        np.testing.assert_array_equal(picture[:h, :w], viz.overlay(rgb, mask, 0.5, class_palette(names)))
         legend = picture[:, w:].reshape(-1, 3)
         for entry in record["classes"]:  # a swatch for each class present, none for the others
             has_swatch = (legend == entry["color"]).all(axis=1).sum() >= 25
@@ -184,7 +188,7 @@ def test_segment_honours_exif_orientation(tmp_path, capsys, model):
     assert mask.shape == (683, 512)
     upright = np.asarray(ImageOps.exif_transpose(Image.open(rotated)).convert("RGB"))
     overlay = np.asarray(Image.open(tmp_path / "out" / "rotated_overlay.png").convert("RGB"))
-    np.testing.assert_array_equal(overlay[:683, :512], viz.overlay(upright, mask, 0.5))
+    np.testing.assert_array_equal(overlay[:683, :512], viz.overlay(upright, mask, 0.5, class_palette(NAMES)))
 
 
 def test_segment_image_smaller_than_a_patch(tmp_path, capsys, model):
@@ -203,10 +207,11 @@ def test_segment_large_image_keeps_its_size(tmp_path, capsys, model):
     assert Image.open(tmp_path / "o" / "big_mask.png").size == (2400, 1800)
 
 
-def test_segment_bad_image_among_several_keeps_the_others(tmp_path, capsys, model):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_segment_bad_image_among_several_keeps_the_others(tmp_path, capsys, model, workers):
     broken = save_jpeg_part(BIRD, tmp_path / "broken.jpg", 0.5)
     rc, _, err = cli(capsys, "segment", TALL, broken, HOUSE, "--classes", CLASSES, "--out", tmp_path / "out",
-                     *model)
+                     "--workers", workers, *model)
     assert rc == 2
     errors = [line for line in err.splitlines() if line.startswith("resclip: error:")]
     assert len(errors) == 2, err
@@ -215,6 +220,60 @@ def test_segment_bad_image_among_several_keeps_the_others(tmp_path, capsys, mode
     assert (tmp_path / "out" / f"{TALL.stem}_mask.png").is_file()
     assert (tmp_path / "out" / f"{HOUSE.stem}.json").is_file()
     assert not (tmp_path / "out" / "broken_mask.png").exists()
+
+
+def test_segment_rle_probabilities_and_unknown(tmp_path, capsys, model):
+    from resclip.results import rle_area, rle_decode
+
+    out = tmp_path / "o"
+    rc, _, err = cli(capsys, "segment", BIRD, "--classes", CLASSES, "--out", out, "--format", "rle",
+                     "--save-probs", *model)
+    assert rc == 0, err
+    record = json.loads((out / "crop_114.json").read_text())
+    mask = np.asarray(Image.open(out / "crop_114_mask.png")).astype(np.int64)
+    for index, entry in enumerate(record["classes"]):
+        np.testing.assert_array_equal(rle_decode(entry["rle"]), mask == index)
+        assert rle_area(entry["rle"]) == entry["pixels"]
+    assert record["probs"] == "crop_114_probs.npz"
+    assert record["output"] == {"alpha": 0.5, "palette": "classes", "format": "rle", "unknown_below": None,
+                                "save_probs": True}
+    probs = np.load(out / "crop_114_probs.npz")
+    assert probs["names"].tolist() == NAMES and probs["probs"].shape == (4, *mask.shape)
+    np.testing.assert_allclose(probs["probs"].astype(np.float32).sum(0), 1.0, atol=3e-3)
+    assert (probs["probs"].argmax(0) == mask).mean() > 0.999  # float16 ties aside, the mask's classes
+
+    # unknown: pixels whose class probability is below the threshold get label 4, "unknown", black
+    top = probs["probs"].astype(np.float32).max(0)
+    thd = float(np.quantile(top, 0.3))
+    rc, _, err = cli(capsys, "segment", BIRD, "--classes", CLASSES, "--out", tmp_path / "u", "--unknown",
+                     str(thd), *model)
+    assert rc == 0, err
+    record = json.loads((tmp_path / "u" / "crop_114.json").read_text())
+    assert [c["name"] for c in record["classes"]] == [*NAMES, "unknown"]
+    assert record["classes"][-1]["color"] == [0, 0, 0]
+    low = top < thd
+    unknown = np.asarray(Image.open(tmp_path / "u" / "crop_114_mask.png")) == 4
+    assert 0.2 < unknown.mean() < 0.4 and (unknown & low).sum() > 0.9 * low.sum()  # float16 copy: ~equal
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "u" / "crop_114_mask.png"))[~unknown],
+                                  mask[~unknown])
+    rc, _, err = cli(capsys, "segment", BIRD, "--classes", CLASSES, "--out", tmp_path / "v",
+                     "--unknown", "1.5", *model)
+    one_error(rc, err, "--unknown must be in (0, 1]")
+
+
+def test_segment_workers_write_the_same_bytes(tmp_path, capsys, model):
+    """Background decoding and writing change nothing in the outputs."""
+    outs = {}
+    for workers in ("0", "1", "3"):
+        out = tmp_path / workers
+        rc, _, err = cli(capsys, "segment", BIRD, TALL, HOUSE, "--classes", CLASSES, "--out", out,
+                         "--workers", workers, "--quiet", *model)
+        assert rc == 0, err
+        outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert len(outs["0"]) == 9 and outs["0"] == outs["1"] == outs["3"]
+    rc, _, err = cli(capsys, "segment", BIRD, "--classes", CLASSES, "--out", tmp_path / "x",
+                     "--workers", "-1", *model)
+    one_error(rc, err, "--workers must be >= 0")
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not-an-image", "empty-file"])
@@ -324,7 +383,8 @@ def test_segment_distinct_palette_and_alpha(tmp_path, capsys, model):
     overlay = np.asarray(Image.open(tmp_path / "crop_114_overlay.png").convert("RGB"))[:513, :513]
     colours = np.array([c["color"] for c in record["classes"]], dtype=np.uint8)
     np.testing.assert_array_equal(overlay, colours[mask])
-    assert record["output"] == {"alpha": 1.0, "palette": "distinct"}
+    assert record["output"] == {"alpha": 1.0, "palette": "distinct", "format": "png", "unknown_below": None,
+                                "save_probs": False}
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -358,6 +418,46 @@ def test_compare_bad_methods(tmp_path, capsys, model, methods, fragments):
     one_error(rc, err, *fragments)
 
 
+def test_compare_several_images_with_truth_as_pdf_and_svg(tmp_path, capsys, model):
+    truth = tmp_path / "bird_gt.png"
+    gt = np.zeros((513, 513), np.uint8)
+    gt[:200] = 2
+    gt[500:] = 255
+    Image.fromarray(gt, mode="L").save(truth)
+    other = tmp_path / "bird2.png"
+    Image.open(BIRD).save(other)
+    args = [BIRD, other, "--classes", CLASSES, "--methods", "clip,sclip+rcs,resclip", "--truth", truth,
+            "--truth", truth, "--height", "64", *model]
+    rc, _, err = cli(capsys, "compare", *args, "--out", tmp_path / "f.png")
+    assert rc == 0, err
+    with Image.open(tmp_path / "f.png") as picture:
+        grid = np.asarray(picture.convert("RGB"))
+    assert grid.shape[0] >= 2 * 64 and grid.shape[1] >= 5 * 64  # 2 rows: image, truth, 3 methods
+    rc, _, err = cli(capsys, "compare", *args, "--out", tmp_path / "f.pdf")
+    assert rc == 0, err
+    pdf = (tmp_path / "f.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF")
+    rc, _, err = cli(capsys, "compare", *args, "--out", tmp_path / "f.pdf", "--overwrite")
+    assert rc == 0 and (tmp_path / "f.pdf").read_bytes() == pdf  # no creation date: same bytes
+    rc, _, err = cli(capsys, "compare", *args, "--out", tmp_path / "f.svg")
+    assert rc == 0 and (tmp_path / "f.svg").read_text().startswith("<svg")
+    rc, _, err = cli(capsys, "compare", BIRD, other, "--truth", truth, "--classes", CLASSES,
+                     "--out", tmp_path / "g.png", *model)
+    one_error(rc, err, "1 --truth masks for 2 images")
+    small = tmp_path / "small.png"
+    Image.fromarray(gt[:10, :10], mode="L").save(small)
+    rc, _, err = cli(capsys, "compare", BIRD, "--truth", small, "--classes", CLASSES,
+                     "--out", tmp_path / "g.png", *model)
+    one_error(rc, err, "is 10x10, its image 513x513")
+
+
+def test_compare_titles_follow_the_papers():
+    from resclip.figures import parse_variants
+
+    titles = [v.title for v in parse_variants("clip,sclip+rcs,clearclip+rcs+sfr,resclip,naclip+sfr,sc_clip")]
+    assert titles == ["CLIP", "SCLIP + RCS", "ClearCLIP + RCS + SFR", "ResCLIP", "NACLIP + SFR", "SC-CLIP"]
+
+
 def test_compare_bad_image_and_extension(tmp_path, capsys, model):
     broken = save_jpeg_part(BIRD, tmp_path / "broken.jpg", 0.5)
     rc, _, err = cli(capsys, "compare", broken, "--classes", CLASSES, "--out", tmp_path / "f.png", *model)
@@ -386,13 +486,14 @@ def test_attention_without_classes_shows_sfr_methods_with_rcs_only(tmp_path, cap
                      "--out", tmp_path / "a.svg", *model)
     assert rc == 0
     assert "no --classes given" in err
-    assert "resclip (no SFR)" in (tmp_path / "a.svg").read_text()
+    svg = (tmp_path / "a.svg").read_text()
+    assert "NACLIP + RCS" in svg and "ResCLIP" not in svg  # the panel says what was computed
+    assert "attention (per panel)" in svg  # the colour bar
 
 
 def test_attention_maps_follow_the_point(tiny_ckpt):
     """MaskCLIP's identity attention puts all of the source patch's weight on itself."""
-    from resclip.commands.attention import attention_maps
-    from resclip.commands.compare import Variant
+    from resclip.figures import Variant, attention_maps
 
     seg = resclip.create_segmenter(pretrained=str(tiny_ckpt), sfr=False, rcs_layers=(1, 2), text_cache=False)
     rgb = np.asarray(Image.open(TALL).convert("RGB"))  # 429 x 640 -> 128 x 191 at --size 128

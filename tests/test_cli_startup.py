@@ -31,7 +31,8 @@ def test_building_the_parser_imports_no_torch():
 
 
 @pytest.mark.parametrize("argv", [
-    ["--help"], ["--version"], ["list", "methods"], ["list", "presets"], ["segment", "--help"],
+    ["--help"], ["--version"], ["list", "methods"], ["list", "presets"],
+    *[[info.name, "--help"] for info in COMMANDS],
     ["segment", "x.jpg"],  # argument error: --out and --classes missing
     ["list", "nothing"],
 ])

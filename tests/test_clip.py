@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import resclip.clip
 from resclip.clip import (
     ClipInfo,
     LoadedClip,
@@ -334,6 +335,8 @@ def fake_tags(
     monkeypatch.setattr(open_clip, "list_pretrained_tags_by_model", lambda arch: list(tags))
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda arch, tag: tags.get(tag, {}))
 
+    monkeypatch.setattr(resclip.clip, "hub_unreachable", lambda: None)  # the fake hub answers
+
     def serve(error: BaseException | None = None) -> None:
         def download(cfg: dict[str, object], cache_dir: str | None = None) -> str:
             if error is not None:
@@ -353,6 +356,53 @@ def test_tag_activation_follows_the_tag_table(tiny: LoadedClip, fake_tags: Calla
     assert load_clip(TINY_GELU, pretrained="laion").info.quick_gelu is False
     with pytest.warns(UserWarning, match="differs from how"):
         load_clip(TINY_GELU, pretrained="openai", quick_gelu=False)
+
+
+def _no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    def download(cfg: dict[str, object], cache_dir: str | None = None) -> str:
+        raise AssertionError("the hub was asked although it cannot answer")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", download)
+
+
+def test_unreachable_hub_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline, a tag that is not cached fails without open_clip's minute of retries."""
+    _no_download(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"HF_HUB_OFFLINE is set.*pretrained='/path/to/ViT-B-16.pt'"):
+        load_clip("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    asked = []
+
+    def refuse(address: tuple[str, int], timeout: float) -> None:
+        asked.append((address, timeout))
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.setattr(resclip.clip.socket, "create_connection", refuse)
+    with pytest.raises(RuntimeError, match=r"cannot reach https://hub.example:8443 \(Connection refused\)"):
+        load_clip("ViT-B-16", pretrained="openai", cache_dir=str(tmp_path))
+    assert asked == [(("hub.example", 8443), 3.0)]
+
+
+def test_cached_tag_loads_without_the_network(
+    tiny: LoadedClip, fake_tags: Callable[..., None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tag already in the Hugging Face cache is read from it even when the hub is unreachable."""
+    snapshot = tmp_path / "hub" / "models--x--y" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    torch.save(tiny.model.state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    (tmp_path / "hub" / "models--x--y" / "refs").mkdir()
+    (tmp_path / "hub" / "models--x--y" / "refs" / "main").write_text("abc123")
+    cfg = open_clip.get_pretrained_cfg(TINY_GELU, "openai")
+    found = resclip.clip.cached_weights(cfg, str(tmp_path / "hub"))
+    assert found == str(snapshot / "open_clip_pytorch_model.bin")
+    assert resclip.clip.cached_weights(cfg, str(tmp_path)) is None
+    _no_download(monkeypatch)
+    monkeypatch.setattr(resclip.clip, "hub_unreachable", lambda: "HF_HUB_OFFLINE is set")
+    loaded = load_clip(TINY_GELU, pretrained="openai", cache_dir=str(tmp_path / "hub"))
+    _assert_same_model(loaded.model, tiny.model)
 
 
 def test_download_errors_become_runtime_errors(fake_tags: Callable[..., None]) -> None:

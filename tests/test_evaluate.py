@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,7 @@ ADE = BENCH / "ADEChallengeData2016"
 FAST = {"short_side": 64, "rcs_layers": (2, 3)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def text_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESCLIP_CACHE", str(tmp_path_factory.getbasetemp() / "resclip-cache"))
-        yield
+pytestmark = pytest.mark.usefixtures("text_cache")
 
 
 def _shrink(src: Path, dst: Path, size: tuple[int, int], label: bool) -> None:

@@ -78,3 +78,24 @@ def test_config_records_the_trunk_attention(tiny_ckpt):
 def test_has_scores_is_a_property_of_the_method():
     assert not get_method("maskclip").has_scores and get_method("naclip").has_scores
     assert all(get_method(m).has_scores == bool(get_method(m).pairs) for m in ["clip", "sclip", "clearclip"])
+
+
+def test_tlp_switches_by_keyword_with_any_method():
+    """TLP (PEARL's propagation) is a protocol stage: on or off by keyword, its fields as tlp_<field>."""
+    from resclip.factory import apply_overrides
+    from resclip.presets import get_preset
+    from resclip.tlp import TLPConfig
+
+    plain = get_preset("naclip/ade20k")
+    assert plain.protocol.tlp is None
+    assert apply_overrides(plain, {"tlp": True}).protocol.tlp == TLPConfig()
+    assert apply_overrides(plain, {"tlp_grid": 40}).protocol.tlp == TLPConfig(grid=40)
+    pearl = get_preset("pearl/ade20k")
+    assert pearl.protocol.tlp is not None
+    assert apply_overrides(pearl, {"tlp": False}).protocol.tlp is None
+    changed = apply_overrides(pearl, {"tlp_cg_steps": 5}).protocol.tlp
+    assert changed == TLPConfig(cg_steps=5, grid=pearl.protocol.tlp.grid)
+    with pytest.raises(TypeError, match="setting tlp_grid: expected an integer, got 'x'"):
+        apply_overrides(plain, {"tlp_grid": "x"})
+    with pytest.raises(TypeError, match="tlp=False contradicts tlp_grid"):
+        apply_overrides(plain, {"tlp": False, "tlp_grid": 4})

@@ -67,9 +67,22 @@ def test_paper_presets_and_fidelity_switch():
 
 def test_list_and_unknown():
     names = list_presets()
-    assert "default" in names and "voc21" in names and "clearclip/ade20k" in names and len(names) == 8 * 8 + 1
+    assert "default" in names and "voc21" in names and "clearclip/ade20k" in names and len(names) == 9 * 8 + 1
+    assert "pearl/cityscapes" in names
     with pytest.raises(ValueError, match="unknown preset 'voc22'; valid: 'default', a dataset"):
         get_preset("voc22")
+    with pytest.raises(ValueError, match="sc_clip, sfp, pearl"):
+        get_preset("pearl/voc22")
+
+
+def test_pearl_presets_carry_tlp_and_the_method_setting():
+    p = get_preset("pearl/cityscapes")
+    assert p.protocol.tlp is not None and p.protocol.tlp.grid == 224 and p.protocol.short_side == 560
+    assert p.method_settings("pearl") == {"alpha_kk": 0.3} and p.method_settings("naclip") == {}
+    assert get_preset("pearl/voc21").protocol.slide_crop == 0 and get_preset("voc21").protocol.tlp is None
+    paper = to_fidelity(p, "paper")
+    assert paper.protocol.tlp is not None and paper.protocol.tlp.coupling == "matrix"
+    assert to_fidelity(get_preset("voc21"), "paper").protocol.tlp is None
 
 
 def test_overrides():
@@ -84,3 +97,14 @@ def test_overrides():
     with pytest.raises(ValueError, match="prob_thd must be in"):
         apply_overrides(get_preset("voc21"), {"prob_thd": 2})
     assert "slide_crop" in valid_overrides() and "lambda_sfr" in valid_overrides()
+
+
+def test_list_presets_verbose_shows_every_setting(capsys):
+    from resclip.cli import main
+
+    assert main(["list", "presets", "--verbose"]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("pearl/ade20k:"):out.index("pearl/cityscapes:")]
+    assert "short_side=336" in block and "slide_crop=224" in block and "pearl: alpha_kk=0.3" in block
+    assert "tlp: grid=80" in block and "fidelity=official" in block
+    assert out.count("\n    protocol: ") == len(list_presets())

@@ -161,8 +161,13 @@ def test_outputs_are_well_formed(tiny_ckpt, sc: Scenario):
 @settings(SETTINGS, max_examples=25)
 @given(sc=scenarios(windows_only=True, presets=["ade20k", "paper/ade20k", "naclip/voc20"]))
 def test_window_order_does_not_matter(tiny_ckpt, sc: Scenario):
-    """Windows processed last-to-first (so also batched differently) give the same result."""
+    """Windows processed last-to-first (so also batched differently) give the same result.
+
+    SC-CLIP and SFP pick a few outlier tokens per window by a discrete top-k (LOF / attention
+    scores): a different batch can move a float near-tie and pick another token, as in their
+    releases, so they are held to each window's own parity tests instead."""
     assume(not (sc.method == "maskclip" and sc.sfr) and min(sc.resized) >= PATCH)  # else rejected
+    assume(sc.method not in ("sc_clip", "sfp"))
     seg = sc.segmenter(tiny_ckpt)
     image, emb = sc.image(), sc.embeddings()
     original = resclip.segmenter.window_coords

@@ -314,7 +314,7 @@ def test_attention_command_refuses_it_in_one_line(tiny64, tmp_path, capsys):
     code = main(["attention", str(img), "--point", "10,10", "--methods", "naclip,sc_clip", "--pretrained",
                  str(tiny64), "--out", str(tmp_path / "a.png")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("resclip: error: --methods sc_clip: it replaces the last block")
+    assert code == 2 and err[-1].startswith("resclip: error: method sc_clip: it replaces the last block")
 
 
 def test_fidelity_reaches_the_engine(tiny_ckpt):

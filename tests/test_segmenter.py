@@ -164,3 +164,94 @@ def test_release_text_tower_keeps_cached_classes_and_names_the_fix(tiny64):
         seg.predict(image, ["sky", "dog"])
     emb = torch.nn.functional.normalize(torch.randn(2, seg.embed_dim), dim=-1)
     assert seg.predict(image, ["sky", "dog"], embeddings=emb).mask.shape == (64, 80)
+
+
+# ------------------------------------------------------------------ batch API and result helpers
+def test_predict_batch_takes_every_image_form_and_encodes_once(tiny_ckpt, monkeypatch):
+    import io
+
+    import torch
+    from PIL import Image
+
+    import resclip
+
+    seg = resclip.create_segmenter(pretrained=str(tiny_ckpt), sfr=False, rcs_layers=(1, 2), text_cache=False)
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((60, 80, 1), 255, np.uint8)], axis=2)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    calls = []
+    real = seg.encode_classes
+    monkeypatch.setattr(seg, "encode_classes", lambda *a, **k: calls.append(a) or real(*a, **k))
+    images = [rgb, Image.open(buf), torch.from_numpy(rgb).permute(2, 0, 1), torch.from_numpy(rgb), rgba,
+              rgb.transpose(2, 0, 1)]
+    results = seg.predict_batch(images, ["cat", "dog", "sky, clouds"])
+    alone = seg.predict(rgb, ["cat", "dog", "sky, clouds"])
+    for res in results:  # the same image in every form: the same result
+        np.testing.assert_array_equal(res.mask, results[0].mask)
+        np.testing.assert_array_equal(res.logits, results[0].logits)
+    np.testing.assert_array_equal(results[0].mask, alone.mask)
+    np.testing.assert_allclose(results[0].logits, alone.logits, atol=1e-6, rtol=0)
+    assert len(calls) == 2  # once for the batch, once for `alone`
+    with pytest.raises(ValueError, match=r"images\[1\]: image array must be uint8"):
+        seg.predict_batch([rgb, rgb.astype(np.float32)], ["cat", "dog"])
+
+
+def test_result_helpers(tiny_ckpt, tmp_path):
+    import json
+
+    from PIL import Image
+
+    import resclip
+    from resclip.palettes import class_palette
+    from resclip.results import rle_decode
+
+    seg = resclip.create_segmenter(pretrained=str(tiny_ckpt), sfr=False, rcs_layers=(1, 2), text_cache=False)
+    rgb = np.random.default_rng(4).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    res = seg.predict(rgb, ["cat", "dog", "background"])
+    masks = res.class_masks()
+    assert masks.shape == (3, 50, 70) and masks.sum() == 50 * 70
+    for i, rle in enumerate(res.rle()):
+        np.testing.assert_array_equal(rle_decode(rle), res.mask == i)
+    conf = res.confidence()
+    np.testing.assert_array_equal(conf, res.probs.max(axis=0))
+    unknown = res.with_unknown(float(np.median(conf)))
+    assert set(np.unique(unknown)) <= {0, 1, 2, 3} and (unknown == 3).any()
+    plain = np.asarray(res.overlay(legend=False))
+    assert plain.shape == (50, 70, 3)
+    colours = class_palette(res.class_names)
+    assert colours[2].tolist() == [0, 0, 0]  # 'background' is the black class
+    assert res.overlay().width > 70  # legend to the right
+    paths = res.save(tmp_path / "out", "photo", rle=True)
+    assert [p.name for p in paths] == ["photo_mask.png", "photo_overlay.png", "photo.json"]
+    np.testing.assert_array_equal(np.asarray(Image.open(paths[0])), res.mask)
+    record = json.loads(paths[2].read_text())
+    assert record["settings"]["method"] == "naclip" and record["classes"][2]["color"] == [0, 0, 0]
+    assert record["classes"][0]["rle"] == res.rle()[0]
+
+
+def test_predict_batch_shares_window_batches_across_images(tiny_ckpt, monkeypatch):
+    """Equally sized windows of several images go through the network together; each image's
+    result equals its own predict()."""
+    import resclip
+
+    seg = resclip.create_segmenter(pretrained=str(tiny_ckpt), sfr=True, rcs_layers=(1, 2), text_cache=False,
+                                   slide_crop=64, slide_stride=32, short_side=64, window_batch=4)
+    rng = np.random.default_rng(5)
+    shapes = [(64, 100, 3), (90, 64, 3), (40, 30, 3)]  # the last is smaller than one window
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in shapes]
+    sizes = []
+    real = seg.engine.window_logits
+    monkeypatch.setattr(seg.engine, "window_logits",
+                        lambda x, *a: sizes.append(tuple(x.shape)) or real(x, *a))
+    results = seg.predict_batch(images, ["cat", "dog", "sky"])
+    batched = list(sizes)
+    assert max(s[0] for s in batched) == 4 and any(s[0] == 4 for s in batched)
+    sizes.clear()
+    alone = [seg.predict(img, ["cat", "dog", "sky"]) for img in images]
+    assert sum(s[0] for s in sizes) == sum(s[0] for s in batched)  # the same windows, fewer calls
+    assert len(batched) < len(sizes)
+    for res, one in zip(results, alone, strict=True):
+        np.testing.assert_allclose(res.logits, one.logits, atol=1e-5, rtol=0)
+        assert (res.mask == one.mask).mean() > 0.999

@@ -198,6 +198,51 @@ def test_encode_queries_shape_norm_and_batching(clip: LoadedClip) -> None:
         encode_queries(clip.model, clip.tokenizer, [])
 
 
+def test_encoding_shows_progress(clip: LoadedClip, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bar when asked (or on a terminal), one status line in logs, nothing when turned off."""
+    encode_queries(clip.model, clip.tokenizer, ["cat", "dog", "sky"], batch_size=64, progress=True)
+    err = capsys.readouterr().err
+    assert "encoding 3 class names" in err and "240/240" in err
+    encode_queries(clip.model, clip.tokenizer, ["cat", "dog", "sky"], batch_size=64)  # stderr is no terminal
+    assert capsys.readouterr().err == "resclip: encoding 3 class names (240 prompts)...\n"
+    encode_queries(clip.model, clip.tokenizer, ["cat", "dog", "sky"], batch_size=64, progress=False)
+    encode_queries(clip.model, clip.tokenizer, ["cat"], ["{}"], batch_size=64)  # one batch: quick
+    assert capsys.readouterr().err == ""
+
+
+def test_random_weights_keep_class_embeddings_in_memory(
+    count_prompts: Callable[[], int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """pretrained=None encodes a class list once per segmenter, and writes nothing to disk."""
+    import resclip
+    import resclip.factory
+
+    monkeypatch.setenv("RESCLIP_CACHE", str(tmp_path))
+    seen = [0]
+    real = resclip.factory.load_clip
+
+    def counting_load(*args: Any, **kwargs: Any) -> LoadedClip:
+        loaded = real(*args, **kwargs)
+        encode_text = cast(Any, loaded.model).encode_text
+
+        def counting(tokens: torch.Tensor) -> torch.Tensor:
+            seen[0] += tokens.shape[0]
+            return encode_text(tokens)
+
+        monkeypatch.setattr(loaded.model, "encode_text", counting)
+        return loaded
+
+    monkeypatch.setattr(resclip.factory, "load_clip", counting_load)
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        seg = resclip.create_segmenter(model="ViT-B-32", pretrained=None, sfr=False)
+    image = np.zeros((32, 48, 3), np.uint8)
+    seg.predict(image, ["cat", "dog"])
+    assert seen[0] == 160
+    seg.predict(image, ["cat", "dog"])
+    assert seen[0] == 160  # not encoded again
+    assert not any(tmp_path.iterdir())
+
+
 def test_over_long_query_warns(clip: LoadedClip) -> None:
     long_name = " ".join(["very"] * 80) + " long cat"
     with pytest.warns(UserWarning, match="very very.*truncated"):

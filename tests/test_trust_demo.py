@@ -160,7 +160,7 @@ def _files(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*") if p.is_file()}
 
 
-def test_each_session_keeps_only_its_current_upload_and_overlay(settings, tmp_path):
+def test_each_session_keeps_only_its_current_upload_and_results(settings, tmp_path):
     cache = tmp_path / "cache"
     uploads = []
     for i, size in enumerate([(96, 64), (80, 80)]):
@@ -168,29 +168,38 @@ def test_each_session_keeps_only_its_current_upload_and_overlay(settings, tmp_pa
         folder.mkdir(parents=True)
         uploads.append(folder / f"photo{i}.png")
         Image.open(BIRD).resize(size).save(uploads[-1])
-    files = demo.SessionFiles(cache)
+    example = cache / "example0" / "cat.jpg"  # an example photo Gradio serves from the same folder
+    example.parent.mkdir()
+    Image.open(BIRD).resize((50, 40)).save(example)
+    files = demo.SessionFiles(cache, keep={str(example)})
 
-    def request(session: str, upload: Path, classes: str = "bird; <b>sky</b>") -> Path:
-        out, legend, _ = demo.handle_request(files, session, {"path": str(upload)}, classes, "naclip",
-                                                  True, True, 0.5, "voc", settings=settings)
+    def request(session: str, upload: Path, classes: str = "bird; <b>sky</b>") -> set[Path]:
+        out, legend, _, mask, record = demo.handle_request(
+            files, session, {"path": str(upload)}, classes, "naclip", True, True, 0.5, "voc",
+            settings=settings)
         assert "&lt;b&gt;sky&lt;/b&gt;" in legend or "sky" not in legend  # class names are escaped
-        return Path(out)
+        return {Path(out), Path(mask), Path(record)}
 
+    base = {uploads[0], uploads[1], example}
     first = request("alice", uploads[0])
-    assert _files(cache) == {uploads[0], uploads[1], first}
-    second = request("alice", uploads[0])  # new classes, same photo: the upload stays, the old overlay goes
-    assert _files(cache) == {uploads[0], uploads[1], second}
+    assert _files(cache) == base | first
+    second = request("alice", uploads[0])  # new classes, same photo: the upload stays, the old results go
+    assert _files(cache) == base | second
     with pytest.raises(ValueError, match="class 2 is empty"):
         request("alice", uploads[0], "bird; ; sky")  # a failed request keeps what the page shows
-    assert _files(cache) == {uploads[0], uploads[1], second}
+    assert _files(cache) == base | second
     bob = request("bob", uploads[0])  # the same bytes uploaded by someone else: shared
-    third = request("alice", uploads[1])  # alice's old overlay goes; bob still holds the shared upload
-    assert _files(cache) == {uploads[0], uploads[1], bob, third}
+    third = request("alice", uploads[1])  # alice's old results go; bob still holds the shared upload
+    assert _files(cache) == base | bob | third
+    assert not any(p.parent.exists() for p in second)  # the request's folder went with its files
     files.end("bob")
-    assert _files(cache) == {uploads[1], third}
+    assert _files(cache) == {uploads[1], example} | third
     assert not uploads[0].parent.exists()
     files.end("alice")
-    assert _files(cache) == set()
+    assert _files(cache) == {example}
+    carol = request("carol", example)  # an example photo is never deleted with a session
+    files.end("carol")
+    assert _files(cache) == {example} and not any(p.exists() for p in carol)
     outside = tmp_path / "elsewhere.png"  # a path outside the cache folder is never deleted
     Image.open(BIRD).resize((40, 30)).save(outside)
     files.hold("mallory", {"upload": outside})
@@ -214,21 +223,23 @@ def test_served_demo_leaves_no_files_per_request(settings, tmp_path, monkeypatch
     other = tmp_path / "other.png"
     Image.open(BIRD).resize((90, 70)).save(other)
     app = demo.build_app(settings)
+    examples = _files(cache)  # the example photos, copied into Gradio's folder by the page itself
+    assert sorted(p.name for p in examples) == sorted(name for name, _ in demo.EXAMPLES)
     port = _free_port()
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                        show_error=False)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
         for image, classes in [(BIRD, "bird; sky"), (BIRD, "bird; water"), (other, "bird; sky")]:
-            overlay, _, status = client.predict(handle_file(str(image)), classes, "naclip", True, True, 0.5,
-                                                "voc", api_name="/handler")
+            overlay, _, status, mask, record = client.predict(
+                handle_file(str(image)), classes, "naclip", True, True, 0.5, "voc", api_name="/handler")
             assert status.startswith("naclip + RCS + SFR")
-        # two files for this session: its current upload and its current overlay (not 2 per request)
-        assert sorted(p.suffix for p in _files(cache)) == [".png", ".png"]
-        assert Path(overlay["path"]) in _files(cache)
+        # four files for this session: its current upload, overlay, mask and JSON (not 4 per request)
+        assert sorted(p.suffix for p in _files(cache) - examples) == [".json", ".png", ".png", ".png"]
+        assert {Path(overlay["path"]), Path(mask["path"]), Path(record["path"])} <= _files(cache)
     finally:
         app.close()
-    assert _files(cache) == set()
+    assert _files(cache) - examples == set()
 
 
 # --------------------------------------------------------------------------------- launch and the CLI
@@ -249,12 +260,14 @@ def test_launch_passes_the_limits_and_concurrency_to_gradio(tiny_ckpt, monkeypat
     assert seen["max_file_size"] == 5 * 1024 * 1024
     assert seen["concurrency"] == 3
     assert seen["show_error"] is False  # only our own one-line messages reach the visitor
+    assert seen["share"] is False  # no public link unless asked for
 
 
 def test_demo_command_limit_flags(monkeypatch, capsys):
     pytest.importorskip("gradio")
     got = []
-    monkeypatch.setattr(demo, "launch", lambda settings, host, port: got.append((settings, host, port)))
+    monkeypatch.setattr(demo, "launch",
+                        lambda settings, host, port, share=False: got.append((settings, host, port)))
     rc = main(["demo", "--pretrained", "none", "--max-upload-mb", "2.5", "--max-pixels", "1000000",
                "--max-classes", "30", "--concurrency", "2"])
     assert rc == 0

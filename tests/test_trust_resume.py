@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,7 @@ FAST = ["--set", "short_side=64", "--set", "rcs_layers=(2,3)", "--device", "cpu"
 RUN = ["--limit", "3", "--no-sfr", "--workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def text_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    cache = tmp_path_factory.getbasetemp() / "resclip-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RESCLIP_CACHE", str(cache))
-        yield cache
+pytestmark = pytest.mark.usefixtures("text_cache")
 
 
 @pytest.fixture

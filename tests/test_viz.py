@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from resclip import viz
-from resclip.commands.compare import compare_figure
-from resclip.commands.segment import json_text
+from resclip.figures import CompareRow, compare_figure, picture_bytes
 from resclip.palettes import distinct_palette, get_palette, voc_palette
+from resclip.results import json_text
 
 BIRD = Path(__file__).parent / "data" / "benchmarks" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "crop_114.jpg"
 
@@ -135,7 +135,7 @@ def test_compare_figure_has_a_shared_legend():
     a = stripes(513, 513, 2)
     b = np.full((513, 513), 3, dtype=np.int64)
     names = ["bird", "water", "sky", "background"]
-    fig = np.asarray(compare_figure(rgb, [("clip", a), ("resclip", b)], names, height=96))
+    fig = np.asarray(compare_figure([CompareRow(rgb, [("clip", a), ("resclip", b)])], names, height=96))
     flat = fig.reshape(-1, 3)
     legend_part = fig[:, 3 * 96 + 8 :].reshape(-1, 3)
     for index in (0, 1, 3):  # classes shown in some mask
@@ -149,3 +149,44 @@ def test_json_text_is_valid_and_compact():
     text = json_text(record)
     assert json.loads(text) == record
     assert '"color": [0, 128, 0]' in text
+
+
+def test_compare_figure_rows_and_truth():
+    rgb = photo()
+    a = stripes(513, 513, 2)
+    truth = np.full((513, 513), 255, dtype=np.int64)
+    truth[:100] = 2  # 'sky' only in the ground truth: it gets a legend entry
+    names = ["bird", "water", "sky"]
+    one = compare_figure([CompareRow(rgb, [("CLIP", a)])], names, height=64)
+    two = compare_figure([CompareRow(rgb, [("CLIP", a)], truth), CompareRow(rgb, [("CLIP", a)])], names,
+                         height=64)
+    assert two.height > 2 * 64 and two.width > one.width  # a second row and a truth column
+    flat = np.asarray(two).reshape(-1, 3)
+    assert (flat == voc_palette()[2]).all(axis=1).any()
+    with pytest.raises(ValueError, match="same methods"):
+        compare_figure([CompareRow(rgb, [("CLIP", a)]), CompareRow(rgb, [("SCLIP", a)])], names)
+    with pytest.raises(ValueError, match="no images"):
+        compare_figure([], names)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf", ".svg", ".webp"])
+def test_picture_bytes_are_reproducible(suffix):
+    picture = Image.fromarray(photo()[:64, :64])
+    assert picture_bytes(picture, suffix) == picture_bytes(picture, suffix)
+    with pytest.raises(ValueError, match=r"cannot write '\.gif'"):
+        picture_bytes(picture, ".gif")
+
+
+def test_class_palette_keeps_black_for_background_only():
+    from resclip.palettes import class_palette
+
+    voc = voc_palette(256)
+    assert class_palette(["person", "dog"])[:2].tolist() == voc[1:3].tolist()  # no black class
+    names = ["background", "aeroplane", "bicycle"]
+    np.testing.assert_array_equal(class_palette(names), voc_palette(256))  # VOC's own order: VOC colours
+    table = class_palette(["cat", "Ignore", "sky, background", "dog"])
+    assert table[:4].tolist() == [voc[1].tolist(), [0, 0, 0], [0, 0, 0], voc[2].tolist()]
+    assert class_palette(["a"] * 300).shape == (300, 3) and class_palette(["a"]).shape == (256, 3)
+    np.testing.assert_array_equal(class_palette(["cat"], "voc"), voc_palette(256))
+    with pytest.raises(ValueError, match="unknown palette"):
+        class_palette(["cat"], "rainbow")

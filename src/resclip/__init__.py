@@ -31,10 +31,12 @@ _LAZY = {
     "SegmenterConfig": "segmenter",
     "SegResult": "segmenter",
     "SFRConfig": "sfr",
+    "label": "labelling",
 }
 
 if TYPE_CHECKING:
     from .factory import create_segmenter
+    from .labelling import label
     from .methods import list_methods
     from .presets import Preset, get_preset, list_presets
     from .protocol import Protocol
@@ -67,6 +69,7 @@ __all__ = [
     "__version__",
     "create_segmenter",
     "get_preset",
+    "label",
     "list_methods",
     "list_presets",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -66,9 +66,16 @@ def build_parser(*, full: bool = False) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 failure, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
+    return run_command(args._run, args)
+
+
+def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)`` with the command line's conventions: library warnings as one
+    ``resclip: warning:`` line each, bad input as one ``resclip: error:`` line and exit code 2,
+    Ctrl-C as exit code 130."""
     try:
         with cli_warnings():  # every library warning is one "resclip: warning: ..." line on stderr
-            return int(args._run(args))
+            return int(run(args))
     except KeyboardInterrupt:
         print("resclip: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,6 @@
-"""Web demo (optional extra ``resclip[demo]``, Gradio): upload an image, type class names, pick the
-base attention and the RCS / SFR switches, see the overlay and its legend.
+"""Web demo (optional extra ``resclip[demo]``, Gradio): upload an image (or click one of the shipped
+examples), type class names, pick the base attention and the RCS / SFR switches, see the overlay and
+its legend, download the mask PNG and the JSON record (the same as ``resclip segment`` writes).
 
 The CLIP model loads once per :class:`DemoSettings` (cached); each request only builds the small
 last-block engine for the chosen method. :func:`segment_image` is the whole request handler as a
@@ -17,11 +18,15 @@ Serving it to others (the limits are :class:`DemoSettings` fields, ``resclip dem
   Each running request holds the image, its mask, scores and overlay in memory (several GB near the
   pixel cap: a 100-megapixel image took 6.7 GB before the cap), so raise it only with the memory
   to match;
-* each visitor session keeps at most its current upload and its current overlay on the server: the
-  previous ones are deleted by the next request, the rest when the page is closed, anything left
-  over after an hour, and everything when the server stops;
-* messages shown to visitors are one sentence and never name a server path; unexpected errors are
-  logged on the server and shown as a generic message.
+* each visitor session keeps at most its current upload and its current results (overlay, mask PNG,
+  JSON) on the server: the previous ones are deleted by the next request, the rest when the page is
+  closed, anything left over after an hour, and everything when the server stops (the example photos
+  stay);
+* messages shown to visitors are one sentence, never name a server path or a command-line flag;
+  unexpected errors are logged on the server and shown as a generic message; the JSON download names
+  the upload and the checkpoint by file name only;
+* a model that is not a released CLIP (random weights, or a checkpoint matching no known
+  architecture) is announced by a banner on the page (:func:`weights_notice`).
 """
 
 from __future__ import annotations
@@ -29,13 +34,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import html
+import io
 import logging
 import os
+import re
 import threading
 import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -47,11 +55,24 @@ from .datasets import DATASETS, class_file_path, get_dataset_spec
 from .eval.loop import segment_mask as segment_array
 from .factory import create_segmenter
 from .methods import get_method, list_methods
+from .palettes import class_palette
 from .preprocess import ImageInput, load_image
 from .segmenter import Segmenter
 
 GRADIO_HINT = "the web demo needs Gradio: pip install 'resclip[demo]'"
 EXAMPLE_CLASSES = "cat; sofa; sky, clouds; floor; wall"
+#: The example photos shipped in the package (``resclip/data/examples``, origin and licences in its
+#: README) and the class list each is offered with.
+EXAMPLES_DIR = Path(__file__).parent / "data" / "examples"
+EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("cat.jpg", "cat; wall; sofa, cushion"),
+    ("coffee.jpg", "coffee cup, cup; saucer, plate; spoon; table"),
+    ("rocket.jpg", "rocket; launch tower; sky; ground"),
+)
+RANDOM_WEIGHTS_NOTICE = ("This demo runs on RANDOM weights (no pretrained CLIP was loaded): its "
+                         "segmentations are meaningless. It only shows how the page works.")
+CUSTOM_WEIGHTS_NOTICE = ("This demo runs a checkpoint that matches no released CLIP model (a test or "
+                         "custom model): its segmentations may be meaningless.")
 
 
 def _class_lists() -> dict[str, str]:
@@ -125,13 +146,18 @@ class DemoResult:
     """Output of one request.
 
     Attributes:
-        overlay: ``(H, W', 3)`` uint8, the overlay at the image size with the legend to its right.
+        overlay: ``(H, W, 3)`` uint8, the class colours over the image, at the image size (no legend
+            baked in: the page shows :attr:`legend_html` beside it).
         mask: ``(H, W)`` int64 class indices.
         legend: one row per class present: ``name``, ``color`` (``"#rrggbb"``), ``share`` (0..1).
         legend_html: the legend as an HTML table.
         status: one line: method, modules, preset, image size and time taken.
         warnings: the class-list warnings of :mod:`resclip.classes` (``"cat,dog"`` is one class, a
             single class, duplicates, names too long), one line each.
+        record: the JSON record ``resclip segment`` writes for an image (classes, colours, pixel
+            counts, settings), naming the upload and the checkpoint by file name only.
+        mask_png: the mask as ``resclip segment`` writes it (palette PNG of class indices), encoded.
+        stem: a file-name stem for the downloads (``"<stem>_mask.png"``, ``"<stem>.json"``).
     """
 
     overlay: np.ndarray
@@ -140,6 +166,50 @@ class DemoResult:
     legend_html: str
     status: str
     warnings: list[str] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)
+    mask_png: bytes = b""
+    stem: str = "image"
+
+    @property
+    def json_text(self) -> str:
+        """:attr:`record` as ``resclip segment`` writes it (indented, one line per short list)."""
+        from .results import json_text
+
+        return json_text(self.record) + "\n"
+
+
+def example_inputs() -> list[list[str]]:
+    """The page's examples: ``[image path, class list]`` per shipped photo that is present."""
+    return [[str(EXAMPLES_DIR / name), classes] for name, classes in EXAMPLES
+            if (EXAMPLES_DIR / name).is_file()]
+
+
+def sfr_allowed(method: str) -> bool:
+    """Whether SFR can run on ``method`` (it refines attention scores; MaskCLIP has none)."""
+    return method in list_methods() and get_method(method).has_scores
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """The base attentions for the page's menu: ``(paper spelling, name)``, every registered method."""
+    return [(get_method(name).title, name) for name in list_methods()]
+
+
+def weights_notice(settings: DemoSettings) -> str | None:
+    """The banner the page shows when its model is not a released CLIP, else None.
+
+    Random weights (``pretrained=None``) are known without loading anything; otherwise the model is
+    loaded (once, :func:`load_base`) and a checkpoint whose tensor shapes match no registered
+    open_clip architecture (``"inferred-vit-w..."``: a test or custom model) is announced too.
+    """
+    if settings.pretrained is None or str(settings.pretrained).lower() in ("none", "random"):
+        return RANDOM_WEIGHTS_NOTICE
+    arch = load_base(settings).config.model
+    if arch.startswith("inferred-"):
+        import open_clip
+
+        if arch.removeprefix("inferred-") not in open_clip.list_models():
+            return CUSTOM_WEIGHTS_NOTICE
+    return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -156,6 +226,48 @@ def class_list(name: str) -> str:
     """A shipped benchmark class list (a key of :data:`CLASS_LISTS`) as one ``;``-separated string."""
     path = class_file_path(get_dataset_spec(CLASS_LISTS[name]))
     return "; ".join(line.strip() for line in read_class_file(path))
+
+
+def _file_stem(image: ImageInput) -> str:
+    """A safe file-name stem for the downloads, from the upload's own name (``"image"`` otherwise)."""
+    name = os.path.basename(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else ""
+    stem = re.sub(r"[^\w.-]+", "_", os.path.splitext(name)[0]).strip("._")[:80]
+    return stem or "image"
+
+
+def _public(value: Any) -> Any:
+    """``value`` with every server path reduced to its file name (``"local-dir:/srv/m"`` ->
+    ``"local-dir:m"``)."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_public(v) for v in value]
+    if isinstance(value, str):
+        match = re.match(r"^([a-z][a-z-]*:)?(.*)$", value, re.S)
+        prefix, rest = (match.group(1) or "", match.group(2)) if match else ("", value)
+        if rest and (os.path.isabs(rest) or rest.startswith("~") or os.path.exists(rest)):
+            return prefix + (os.path.basename(rest.rstrip("/\\")) or rest)
+    return value
+
+
+def result_files(image_name: str, mask: np.ndarray, spec: ClassSpec, seg: Segmenter, palette: str,
+                 alpha: float, stem: str) -> tuple[dict[str, Any], bytes]:
+    """The JSON record and the mask PNG of one result, as ``resclip segment`` writes them.
+
+    The record is :func:`resclip.results.result_record` with the files named
+    ``<stem>_mask.png`` / ``<stem>_overlay.png`` and every server path in its settings (the
+    checkpoint) reduced to its file name.
+    """
+    from .results import OutputOptions, result_record
+
+    colours = class_palette(spec.names, palette)
+    buffer = io.BytesIO()
+    viz.mask_image(mask, spec.num_classes, colours).save(buffer, format="PNG")
+    record = result_record(image_name, mask, spec, seg.config.to_dict(), palette, alpha,
+                           {"mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"},
+                           output=OutputOptions(palette=palette, alpha=alpha).record())
+    record["settings"] = _public(record.get("settings", {}))
+    return record, buffer.getvalue()
 
 
 def _legend_html(rows: list[dict[str, Any]]) -> str:
@@ -256,7 +368,7 @@ def segment_image(
     alpha: float = 0.5,
     *,
     settings: DemoSettings,
-    palette: str = "voc",
+    palette: str = "classes",
 ) -> DemoResult:
     """Segment one uploaded image: the demo's request handler as a pure function.
 
@@ -280,8 +392,9 @@ def segment_image(
         raise ValueError("upload an image first")
     if method not in list_methods():
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(list_methods())}")
-    if sfr and not get_method(method).has_scores:
-        raise ValueError(f"{method} has no attention scores for SFR to refine: switch SFR off")
+    if sfr and not sfr_allowed(method):
+        raise ValueError(f"{get_method(method).title} has no attention scores for SFR to refine: switch SFR "
+                         "off")
     notes: list[str] = []
     try:
         with _class_notes(notes):
@@ -299,14 +412,18 @@ def segment_image(
         spec, emb = seg.encode_classes(cast(Any, spec))
     mask = segment_array(seg, rgb, spec, emb)
     counts = viz.pixel_counts(mask, spec.num_classes)
-    colours = viz.colorize(np.arange(spec.num_classes).reshape(1, -1), palette)[0]
+    colours = class_palette(spec.names, palette)
     rows = [
         {"name": spec.names[i], "color": "#{:02x}{:02x}{:02x}".format(*viz.rgb(colours[i])),
          "share": float(counts[i] / mask.size)}
         for i in np.flatnonzero(counts).tolist()
     ]
-    picture = np.asarray(viz.overlay_with_legend(rgb, mask, spec.names, float(alpha), palette))
+    picture = np.asarray(viz.overlay(rgb, mask, float(alpha), colours))
+    stem = _file_stem(image)
+    name = os.path.basename(os.fspath(image)) if isinstance(image, (str, os.PathLike)) else "upload"
+    record, mask_png = result_files(name, mask, spec, seg, palette, float(alpha), stem)
     modules = " + ".join(["RCS"] * bool(rcs) + ["SFR"] * bool(sfr)) or "no modules"
     status = (f"{method} + {modules}, preset {seg.config.preset}, {rgb.shape[1]}x{rgb.shape[0]} px, "
               f"{time.perf_counter() - start:.1f} s")
-    return DemoResult(picture, mask, rows, _legend_html(rows), status, list(dict.fromkeys(notes)))
+    return DemoResult(picture, mask, rows, _legend_html(rows), status, list(dict.fromkeys(notes)), record,
+                      mask_png, stem)

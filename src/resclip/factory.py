@@ -17,12 +17,13 @@ from .clip import _checkpoint_path, _resolve_model_name, load_clip, resolve_devi
 from .digest import file_identity, weights_digests
 from .engine import DenseEngine
 from .methods import get_method
-from .presets import Fidelity, Preset, get_preset, to_fidelity
+from .presets import PRESETS, Fidelity, Preset, get_preset, to_fidelity
 from .protocol import Protocol
 from .rcs import RCSConfig
 from .segmenter import Segmenter, SegmenterConfig
 from .sfr import SFRConfig
 from .text import EmbeddingCache
+from .tlp import TLPConfig
 
 METHOD_ALIAS = "resclip"  # create_segmenter(method="resclip") = naclip + RCS + SFR, as in `resclip compare`
 
@@ -44,6 +45,7 @@ def valid_overrides() -> list[str]:
     """Keyword overrides accepted by :func:`create_segmenter`."""
     names = set(_field_names(Protocol)) | set(_ALIASES)
     names |= {f"rcs_{n}" for n in _field_names(RCSConfig)} | {f"sfr_{n}" for n in _field_names(SFRConfig)}
+    names |= {f"tlp_{n}" for n in _field_names(TLPConfig)}
     return sorted(names)
 
 
@@ -118,15 +120,21 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
 
     Keys: any :class:`Protocol` field (``short_side``, ``slide_crop``, ``prob_thd``, ...), the
     aliases ``lambda_rcs, tau_rcs, rcs_layers, lambda_sfr, tau_sfr, temp_thd``, or
-    ``rcs_<field>`` / ``sfr_<field>`` for any RCS/SFR config field.
+    ``rcs_<field>`` / ``sfr_<field>`` for any RCS/SFR config field, ``tlp=True`` / ``False``
+    (PEARL's text-aware propagation on or off, any method) and ``tlp_<field>`` for any
+    :class:`~resclip.tlp.TLPConfig` field (turns it on).
 
     Raises:
         TypeError: unknown key (the message suggests the closest and lists the valid ones), or a
             value of the wrong type (the message names the key).
     """
-    classes: dict[str, type] = {"protocol": Protocol, "rcs": RCSConfig, "sfr": SFRConfig}
-    groups: dict[str, dict[str, Any]] = {"protocol": {}, "rcs": {}, "sfr": {}}
+    classes: dict[str, type] = {"protocol": Protocol, "rcs": RCSConfig, "sfr": SFRConfig, "tlp": TLPConfig}
+    groups: dict[str, dict[str, Any]] = {"protocol": {}, "rcs": {}, "sfr": {}, "tlp": {}}
+    tlp_on: bool | None = None  # tlp=True / False from the command line (a TLPConfig passes as is)
     for key, value in overrides.items():
+        if key == "tlp" and isinstance(value, bool):
+            tlp_on = value
+            continue
         if key in _ALIASES:
             group, name = _ALIASES[key]
         elif key in _field_names(Protocol):
@@ -135,12 +143,21 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
             group, name = "rcs", key[4:]
         elif key.startswith("sfr_") and key[4:] in _field_names(SFRConfig):
             group, name = "sfr", key[4:]
+        elif key.startswith("tlp_") and key[4:] in _field_names(TLPConfig):
+            group, name = "tlp", key[4:]
         else:
             raise TypeError(unknown_setting_message(key))
         groups[group][name] = check_override(key, classes[group], name, value)
+    protocol = dataclasses.replace(preset.protocol, **groups["protocol"])
+    if tlp_on is not None or groups["tlp"]:  # tlp=True, or a tlp_<field>, turns TLP on
+        if tlp_on is False and groups["tlp"]:
+            raise TypeError(f"tlp=False contradicts {', '.join('tlp_' + k for k in groups['tlp'])}")
+        base = protocol.tlp or TLPConfig()
+        protocol = dataclasses.replace(
+            protocol, tlp=None if tlp_on is False else dataclasses.replace(base, **groups["tlp"]))
     return dataclasses.replace(
         preset,
-        protocol=dataclasses.replace(preset.protocol, **groups["protocol"]),
+        protocol=protocol,
         rcs=dataclasses.replace(preset.rcs, **groups["rcs"]),
         sfr=dataclasses.replace(preset.sfr, **groups["sfr"]),
     )
@@ -153,6 +170,10 @@ def build_engine(visual: Any, config: SegmenterConfig) -> DenseEngine:
         ValueError: SFR on a method without attention scores, RCS layers outside the model.
     """
     method = get_method(config.method).for_fidelity(config.fidelity)
+    preset = PRESETS.get(config.preset)
+    settings = preset.method_settings(method.name) if preset is not None else {}
+    if settings:  # a method's own fields the preset sets per dataset (e.g. PEARL's alpha_kk)
+        method = dataclasses.replace(method, **settings)
     return DenseEngine(visual, method, config.rcs, config.sfr, config.trunk_attention)
 
 
@@ -266,8 +287,8 @@ def create_segmenter(
     engine = build_engine(loaded.model.visual, config)
     # not `text_cache or None`: an empty EmbeddingCache has len() == 0 and would be dropped
     cache = EmbeddingCache() if text_cache is True else (None if text_cache is False else text_cache)
-    if pretrained is None:
-        cache = None  # random weights: nothing worth keeping
+    if pretrained is None and cache is not None:
+        cache = EmbeddingCache(disk=False)  # random weights: kept in memory only, never on disk
     # the text tower's full sha256 (and how it runs): keys the text-embedding cache
     quick = "quickgelu" if loaded.info.quick_gelu else "gelu"
     fingerprint = f"{loaded.info.arch}|{precision}|{quick}|{text_digest}"

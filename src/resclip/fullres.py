@@ -33,9 +33,11 @@ from .protocol import (
     renormalise,
     threshold_argmax,
 )
+from .tlp import query_affinity, tlp_refine
 from .upsample import bilinear_rows, bilinear_rows_exact, row_bands, source_rows
 
 DEFAULT_BUDGET = 1 << 22  # elements of the largest (Q, rows, W) band (16 MiB in float32)
+TLP_MAX_ELEMENTS = 1 << 28  # TLP holds the whole (Q, H, W) map: at most 1 GiB of float32
 
 
 def mask_dtype(num_classes: int) -> np.dtype:
@@ -162,6 +164,12 @@ class FullResolution:
         budget: the most elements of one ``(Q, rows, W)`` band (with :class:`WindowLogits`: of one
             group's band, and of one ``(C, rows, W)`` band of class probabilities; PAMR adds its
             halo of rows either way).
+        text: ``(Q, D)`` query embeddings; needed by the protocol's TLP (``protocol.tlp``), which
+            refines the whole ``(Q, H, W)`` map at once after the upsampling (and PAMR).
+
+    Raises:
+        ValueError: TLP without ``guide`` and ``text``, on grouped queries (:class:`WindowLogits`:
+            TLP couples all queries), or on a map above :data:`TLP_MAX_ELEMENTS`.
     """
 
     def __init__(
@@ -172,6 +180,7 @@ class FullResolution:
         protocol: Protocol,
         size: tuple[int, int],
         budget: int = DEFAULT_BUDGET,
+        text: torch.Tensor | None = None,
     ) -> None:
         self.source: WindowLogits | None = None
         self.logits: torch.Tensor | None = None
@@ -210,6 +219,26 @@ class FullResolution:
             self.logit_bands = self.bands if self.halo else row_bands(height, width, q, budget)
         self._keep: torch.Tensor | None = None
         self._guide_band: tuple[int, int, torch.Tensor] | None = None
+        self._tlp_affinity: torch.Tensor | None = None
+        self._tlp_map: torch.Tensor | None = None
+        if protocol.tlp is not None:
+            if text is None or self.guide is None:
+                raise ValueError(
+                    "tlp refines the logits with the image and the query embeddings: pass guide and text"
+                )
+            if self.source is not None:
+                raise ValueError(
+                    f"tlp couples all {q} queries over the whole image, so it cannot run class group by "
+                    "class group; use fewer classes, a smaller short_side or tlp=None"
+                )
+            if q * height * width > TLP_MAX_ELEMENTS:
+                raise ValueError(
+                    f"tlp needs the whole {q}x{height}x{width} logit map at once "
+                    f"({q * height * width * 4 / 2**30:.1f} GiB, "
+                    f"limit {TLP_MAX_ELEMENTS * 4 / 2**30:.0f} GiB); "
+                    "use fewer classes, a smaller image or tlp=None"
+                )
+            self._tlp_affinity = query_affinity(text, protocol.tlp)
 
     def logit_rows(self, start: int, stop: int, q0: int = 0, q1: int | None = None) -> torch.Tensor:
         """Rows ``start..stop-1`` of the full-resolution logits ``(Q, R, W)``, after PAMR if asked.
@@ -219,6 +248,8 @@ class FullResolution:
         ``q0, q1`` restrict it to queries ``q0..q1-1`` (every query channel is computed alone).
         """
         q1 = self.num_queries if q1 is None else q1
+        if self._tlp_affinity is not None:
+            return self.tlp_logits()[q0:q1, start:stop]
         if self.logits is not None:
             whole = (q0, q1) == (0, self.num_queries)
             return self._refine(self.logits if whole else self.logits[q0:q1], start, stop)
@@ -230,6 +261,21 @@ class FullResolution:
             if a < b:
                 out[a - q0 : b - q0] = self._group_rows(g0, g1, start, stop)[a - g0 : b - g0]
         return out
+
+    def tlp_logits(self) -> torch.Tensor:
+        """``(Q, H, W)`` the whole full-resolution logits after PAMR (if any) and TLP, computed once:
+        TLP couples every pixel and every query (see :mod:`resclip.tlp`). The guide is the
+        normalised resized image, bilinearly resized to ``(H, W)``."""
+        if self._tlp_map is None:
+            assert self.logits is not None and self.guide is not None and self._tlp_affinity is not None
+            assert self.protocol.tlp is not None
+            full = self._refine(self.logits, 0, self.size[0])
+            image = F.interpolate(
+                self.guide[None].float(), size=self.size, mode="bilinear", align_corners=False
+            )
+            refined = tlp_refine(image, full[None], self._tlp_affinity, self.protocol.tlp)[0]
+            self._tlp_map = ensure_finite(refined, "the TLP-refined logits")
+        return self._tlp_map
 
     def _group_rows(self, q0: int, q1: int, start: int, stop: int) -> torch.Tensor:
         """:meth:`logit_rows` of one query group, its resized rows rebuilt from the windows."""

@@ -23,12 +23,38 @@ def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({m.group(1) for k in state if (m := pattern.match(k))})
 
 
-def build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: bool) -> tuple[nn.Module, str]:
+def build_inferred(
+    state: Mapping[str, torch.Tensor],
+    path: Path,
+    quick_gelu: bool,
+    heads: tuple[int, int] | None = None,
+) -> tuple[nn.Module, str]:
     """Build on the meta device (no storage, filled by :func:`load_strict`) a CLIP whose dimensions
-    are read from an OpenAI-layout state dict."""
+    are read from an OpenAI-layout state dict.
+
+    Args:
+        state: OpenAI-layout state dict.
+        path: the checkpoint, for messages.
+        quick_gelu: build QuickGELU MLPs (else GELU).
+        heads: (vision heads, text heads) when known from elsewhere (a transformers config.json); None
+            takes them from the registered open_clip architecture with these shapes, else width // 64.
+
+    Returns:
+        The model and its label ``"inferred-<name>"``.
+
+    Raises:
+        ValueError: the heads cannot be inferred, or do not divide the widths.
+    """
     shape = _shape_summary(state, path)
     width, text_width, patch = shape["v_width"], shape["t_width"], shape["patch"]
     match, v_heads, t_heads = _match_registered(shape)
+    if heads is not None:
+        v_heads, t_heads = heads
+        if v_heads <= 0 or t_heads <= 0 or width % v_heads or text_width % t_heads:
+            raise ValueError(
+                f"pretrained={str(path)!r}: {v_heads} vision / {t_heads} text attention heads do not divide "
+                f"the widths {width} / {text_width}; the config does not match the weights"
+            )
     name = match or f"vit-w{width}-l{shape['v_layers']}-p{patch}-i{shape['image']}"
     if match is None:
         warnings.warn(_unknown_architecture_warning(shape, path, name), UserWarning, stacklevel=4)
@@ -61,6 +87,11 @@ def build_inferred(state: Mapping[str, torch.Tensor], path: Path, quick_gelu: bo
             shape["embed_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu
         )
     return net, f"inferred-{name}"
+
+
+def registered_architecture(state: Mapping[str, torch.Tensor], path: Path) -> str | None:
+    """The open_clip name whose tensor shapes an OpenAI-layout state dict has, or None (custom)."""
+    return _match_registered(_shape_summary(state, path))[0]
 
 
 def _shape_summary(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, int]:

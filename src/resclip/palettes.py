@@ -1,5 +1,10 @@
 """Colour palettes for class-index masks.
 
+* ``"classes"`` (the default of every command and the demo): the VOC colours, with black kept for a
+  class the user names ``background``, ``ignore`` or ``unknown`` (any synonym, any case) and every other class
+  taking the next VOC colour in order. A list that starts with ``background`` (VOC's own order)
+  therefore gets exactly the VOC palette, and a list without one never paints a class black, which
+  would darken the photo under it (see :func:`class_palette`).
 * ``"voc"``: the PASCAL VOC bit-pattern palette (index 0 black, 1 dark red, 2 dark green, ...), the
   palette VOC and MMSegmentation users expect in a palette PNG; it has 256 entries.
 * ``"distinct"``: colours picked greedily to be far apart in CIELAB (no near-black, near-white or
@@ -11,10 +16,13 @@ Both are deterministic: the same index always gets the same colour.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
 
-PALETTES = ("voc", "distinct")
+PALETTES = ("classes", "voc", "distinct")
+# classes painted black by the "classes" palette (segment --unknown adds a class named "unknown")
+BLACK_NAMES = frozenset({"background", "ignore", "unknown"})
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -82,6 +90,8 @@ def get_palette(name: str = "voc", n: int = 256) -> np.ndarray:
     Raises:
         ValueError: unknown name.
     """
+    if name == "classes":
+        raise ValueError("the 'classes' palette depends on the class names: use class_palette(names)")
     if name == "voc":
         if n <= 256:
             return voc_palette(n)
@@ -89,3 +99,31 @@ def get_palette(name: str = "voc", n: int = 256) -> np.ndarray:
     if name == "distinct":
         return distinct_palette(n)
     raise ValueError(f"unknown palette {name!r}; valid: {', '.join(PALETTES)}")
+
+
+def class_palette(names: Sequence[str], name: str = "classes") -> np.ndarray:
+    """Colours for the classes ``names`` under the palette ``name``: ``(max(C, 256), 3)`` uint8, row
+    ``i`` the colour of class ``i`` (rows past ``C`` continue the palette, so a palette PNG can hold
+    it whole).
+
+    ``"classes"``: black for a class whose name (any comma-separated synonym, any case) is
+    ``background``, ``ignore`` or ``unknown``; the others get VOC colours 1, 2, 3... in their
+    order. ``"voc"`` and ``"distinct"``: the fixed palettes (class ``i`` gets entry ``i``).
+
+    Raises:
+        ValueError: unknown palette name.
+    """
+    n = max(len(names), 256)
+    if name != "classes":
+        return get_palette(name, n)
+    black = [any(s.strip().lower() in BLACK_NAMES for s in str(c).split(",")) for c in names]
+    table = get_palette("voc", n + 1)
+    out = np.empty((n, 3), dtype=np.uint8)
+    nxt = 1
+    for i in range(n):
+        if i < len(names) and black[i]:
+            out[i] = 0
+        else:
+            out[i] = table[nxt]
+            nxt += 1
+    return out

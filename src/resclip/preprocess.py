@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 CLIP_MEAN = (122.771, 116.746, 104.094)
 CLIP_STD = (68.501, 66.632, 70.323)
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 # Largest image (in pixels) read from a file. Pillow's own guard against decompression bombs stops
 # at about 179 megapixels, below the 20,000-pixel panoramas users segment; outputs are computed in
@@ -50,8 +50,9 @@ def load_image(image: ImageInput) -> np.ndarray:
     """Return an ``(H, W, 3)`` uint8 RGB array.
 
     Accepts a path, a PIL image (any mode: 16-bit, CMYK, palette, grayscale and alpha images are
-    converted; alpha is composited on white; EXIF orientation is honoured) or an ``(H, W, 3)``
-    uint8 RGB array (``(H, W)`` grayscale arrays are accepted too).
+    converted; alpha is composited on white; EXIF orientation is honoured), or a uint8 numpy array
+    or torch tensor: ``(H, W, 3)`` RGB, ``(3, H, W)`` (torch's layout), ``(H, W, 4)`` / ``(4, H, W)``
+    RGBA (composited on white) or ``(H, W)`` grayscale.
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -88,11 +89,28 @@ def load_image(image: ImageInput) -> np.ndarray:
                 f"could not decode the PIL image ({err}); expected a readable, complete image"
             ) from err
         return _check_size(rgb, "image")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
-        return _check_size(_array_to_rgb(image), "image array")
+        arr = _channels_last(image)
+        if arr.ndim == 3 and arr.shape[2] == 4 and arr.dtype == np.uint8:  # RGBA: composited on white
+            return _check_size(_pil_to_rgb(Image.fromarray(np.ascontiguousarray(arr), "RGBA")), "image array")
+        return _check_size(_array_to_rgb(arr), "image array")
     raise TypeError(
-        f"image must be a path, a PIL.Image or an HxWx3 uint8 numpy array, got {type(image).__name__}"
+        "image must be a path, a PIL.Image, or a uint8 numpy array / torch tensor (HxWx3, 3xHxW, "
+        f"RGBA or grayscale), got {type(image).__name__}"
     )
+
+
+def _channels_last(arr: np.ndarray) -> np.ndarray:
+    """``(C, H, W)`` arrays (C = 1, 3 or 4, as torch stores images) as ``(H, W, C)``; a single
+    channel as ``(H, W)``. An array whose last axis already has 1, 3 or 4 entries is taken as
+    channels-last."""
+    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4) and arr.shape[0] in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return arr
 
 
 def _allow_large_images() -> None:

@@ -2,21 +2,23 @@
 protocol, and the paper's printed settings.
 
 Names: ``<dataset>`` (= ``resclip/<dataset>``), ``sclip/<dataset>``, ``naclip/<dataset>``,
-``clearclip/<dataset>``, ``sc_clip/<dataset>``, ``sfp/<dataset>``, ``paper/<dataset>``, and
-``default`` for everyday photos.
+``clearclip/<dataset>``, ``sc_clip/<dataset>``, ``sfp/<dataset>``, ``pearl/<dataset>``,
+``paper/<dataset>``, and ``default`` for everyday photos.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from .dataset_specs import DATASETS as _SPECS
 from .protocol import Protocol
 from .rcs import RCSConfig
 from .sfr import SFRConfig
+from .tlp import TLPConfig
 
 Fidelity = Literal["official", "paper"]
 
@@ -42,6 +44,9 @@ class Preset:
             (``nn.MultiheadAttention``); the two differ by float rounding only (~1e-5).
         class_file: a shipped class-name file (``data/class_names/``) that replaces the
             dataset's own for this repository's protocol, or None.
+        method_options: ``(method, ((field, value), ...))`` pairs: settings of a method's own
+            fields that this repository's config changes per dataset (PEARL's ``alpha_kk``); they
+            apply when the segmenter runs that method (see :meth:`method_settings`).
     """
 
     name: str
@@ -53,6 +58,29 @@ class Preset:
     description: str
     trunk_attention: str = "fused"
     class_file: str | None = None
+    method_options: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def method_settings(self, method: str) -> dict[str, Any]:
+        """The field settings this preset gives ``method`` (empty for the others)."""
+        return {k: v for name, pairs in self.method_options if name == method for k, v in pairs}
+
+    def settings_lines(self) -> list[str]:
+        """What this preset sets, one ``group: field=value ...`` line per group (protocol, RCS, SFR,
+        TLP, method options, class file), for ``resclip list presets --verbose``."""
+
+        def fields(obj: Any, skip: tuple[str, ...] = ()) -> str:
+            return " ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in dataclasses.fields(obj)
+                            if f.name not in skip)
+
+        lines = [f"protocol: {fields(self.protocol, ('tlp',))}", f"rcs (when on): {fields(self.rcs)}",
+                 f"sfr (when on): {fields(self.sfr)}"]
+        if self.protocol.tlp is not None:
+            lines.append(f"tlp: {fields(self.protocol.tlp)}")
+        for method, pairs in self.method_options:
+            lines.append(f"{method}: " + " ".join(f"{k}={v!r}" for k, v in pairs))
+        lines.append(f"fidelity={self.fidelity} trunk_attention={self.trunk_attention} "
+                     f"dataset={self.dataset} class_file={self.class_file}")
+        return lines
 
     def class_file_path(self) -> Path | None:
         """The shipped class file this preset names, or None (use the dataset's own)."""
@@ -94,9 +122,14 @@ def to_fidelity(preset: Preset, fidelity: Fidelity) -> Preset:
     """Switch a preset's RCS/SFR switches to another fidelity, keeping its lambdas."""
     if fidelity == preset.fidelity:
         return preset
+    tlp = preset.protocol.tlp
     if fidelity == "paper":
+        if tlp is not None:  # TLP's text coupling: the paper's quadratic form
+            preset = replace(preset, protocol=replace(preset.protocol, tlp=replace(tlp, coupling="matrix")))
         return replace(preset, rcs=paper_rcs(preset.rcs.lam), sfr=paper_sfr(preset.sfr.lam), fidelity="paper")
     if fidelity == "official":
+        if tlp is not None:
+            preset = replace(preset, protocol=replace(preset.protocol, tlp=replace(tlp, coupling="diagonal")))
         ref = _resclip(preset.dataset) if preset.dataset else PRESETS["default"]
         return replace(preset, rcs=ref.rcs, sfr=ref.sfr, fidelity="official")
     raise ValueError(f"fidelity must be 'official' or 'paper', got {fidelity!r}")
@@ -236,6 +269,39 @@ _sc_clip = _from_table(_SC_CLIP, "sc_clip", "SC-CLIP")
 _sfp = _sfp_variant(_from_table(_SFP, "sfp", "SFP"))
 
 
+class PearlRelease(NamedTuple):
+    """One dataset's settings in the PEARL release (``configs/cfg_<dataset>.py``; logit scale 40,
+    slide stride 112 and TLP on everywhere)."""
+
+    prob_thd: float = 0.0
+    slide_crop: int = 224  # 0 = whole image
+    short_side: int = 336
+    alpha_kk: float = 0.08  # the k-k term's weight in the Procrustes-aligned attention
+    tlp_grid: int = 80  # TLP's coarse grid, cells per side
+
+
+# PEARL release (PGSmall/PEARL @c26062b), configs/cfg_<dataset>.py; class files as ours
+_PEARL = {
+    "voc21": PearlRelease(prob_thd=0.1, slide_crop=0),
+    "context60": PearlRelease(prob_thd=0.1),
+    "coco_object": PearlRelease(prob_thd=0.1),
+    "voc20": PearlRelease(slide_crop=0),
+    "cityscapes": PearlRelease(short_side=560, alpha_kk=0.3, tlp_grid=224),
+    "context59": PearlRelease(),
+    "ade20k": PearlRelease(alpha_kk=0.3),
+    "coco_stuff": PearlRelease(),
+}
+
+
+def _pearl(ds: str) -> Preset:
+    r = _PEARL[ds]
+    proto = Protocol(short_side=r.short_side, slide_crop=r.slide_crop, slide_stride=112,
+                     logit_scale=40.0, prob_thd=r.prob_thd, tlp=TLPConfig(grid=r.tlp_grid))
+    return replace(_repository(ds, "pearl", proto, "PEARL"),
+                   method_options=(("pearl", (("alpha_kk", r.alpha_kk),)),),
+                   description=f"PEARL repository protocol for {ds} (TLP on the output)")
+
+
 def _paper(ds: str) -> Preset:
     base = _resclip(ds)
     proto = replace(base.protocol, slide_crop=224, slide_stride=112)
@@ -254,7 +320,7 @@ def _paper(ds: str) -> Preset:
 def _build() -> dict[str, Preset]:
     table: dict[str, Preset] = {}
     for ds in DATASETS:
-        for make in (_resclip, _naclip, _sclip, _clearclip, _sc_clip, _sfp, _paper):
+        for make in (_resclip, _naclip, _sclip, _clearclip, _sc_clip, _sfp, _pearl, _paper):
             p = make(ds)
             table[p.name] = p
         table[f"resclip/{ds}"] = replace(table[ds], name=f"resclip/{ds}")
@@ -288,6 +354,7 @@ def get_preset(name: str) -> Preset:
     if key not in PRESETS:
         raise ValueError(
             f"unknown preset {name!r}; valid: 'default', a dataset ({', '.join(DATASETS)}), or "
-            "'<family>/<dataset>' with family one of resclip, sclip, naclip, clearclip, paper, sc_clip, sfp"
+            "'<family>/<dataset>' with family one of resclip, sclip, naclip, clearclip, paper, sc_clip, sfp, "
+            "pearl"
         )
     return PRESETS[key]

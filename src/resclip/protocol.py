@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tlp import TLPConfig
+
 
 def class_max(probs: torch.Tensor, query_to_class: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Max over each class's synonyms.
@@ -47,6 +49,9 @@ class Protocol:
             most this share of the non-background area are removed; None = off.
         pamr_steps: PAMR iterations on the final logits (0 = off; NACLIP's own protocol: 10).
         pamr_dilations: PAMR neighbour distances.
+        tlp: text-aware Laplacian propagation on the full-resolution query logits (after PAMR,
+            before the softmax), see :mod:`resclip.tlp`; None = off (PEARL's protocol turns it on).
+            It works with any method; it needs the whole ``(Q, H, W)`` map at once.
     """
 
     short_side: int = 336
@@ -58,6 +63,7 @@ class Protocol:
     area_thd: float | None = None
     pamr_steps: int = 0
     pamr_dilations: tuple[int, ...] = (8, 16)
+    tlp: TLPConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("short_side", "long_side", "slide_crop", "slide_stride", "pamr_steps"):
@@ -89,6 +95,8 @@ class Protocol:
             raise ValueError(f"area_thd must be None or in [0, 1], got {self.area_thd}")
         if self.pamr_steps < 0:
             raise ValueError(f"pamr_steps must be >= 0, got {self.pamr_steps}")
+        if self.tlp is not None and not isinstance(self.tlp, TLPConfig):
+            raise TypeError(f"tlp must be a resclip.tlp.TLPConfig or None, got {self.tlp!r}")
 
 
 QUERY_BLOCK = 64  # above this many queries, sums over queries run in this fixed order (see query_sum)

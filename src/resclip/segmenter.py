@@ -51,15 +51,23 @@ class SegResult:
             bytes).
         full: the band-wise full-resolution computation (``full.class_prob_rows(a, b)`` gives
             one band of probabilities without building the whole map).
+        image: the ``(H, W, 3)`` uint8 RGB image that was segmented (for :meth:`overlay`), or None.
+        classes: the parsed classes (synonyms included), or None.
+        settings: the segmenter's settings (``SegmenterConfig.to_dict()``), recorded by :meth:`save`.
     """
 
     def __init__(
-        self, mask: np.ndarray, class_names: list[str], logits: np.ndarray | None, full: FullResolution
+        self, mask: np.ndarray, class_names: list[str], logits: np.ndarray | None, full: FullResolution,
+        *, image: np.ndarray | None = None, classes: ClassSpec | None = None,
+        settings: dict[str, Any] | None = None,
     ):
         self.mask = mask
         self.class_names = class_names
         self._logits = logits
         self.full = full
+        self.image = image
+        self.classes = classes
+        self.settings = settings
         self._probs: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -82,6 +90,86 @@ class SegResult:
             if self._probs is None:
                 self._probs = self.full.probs()
             return self._probs
+
+    # ---- other forms of the result (resclip.results)
+    def class_masks(self) -> np.ndarray:
+        """``(C, H, W)`` boolean mask of each class."""
+        from .results import class_masks
+
+        return class_masks(self.mask, len(self.class_names))
+
+    def rle(self) -> list[dict[str, Any]]:
+        """Each class's mask as COCO compressed RLE (``{"size": [H, W], "counts": str}``), as
+        ``pycocotools.mask.encode`` writes it."""
+        from .results import rle_encode
+
+        return [rle_encode(self.mask == i) for i in range(len(self.class_names))]
+
+    def confidence(self) -> np.ndarray:
+        """``(H, W)`` float32 probability of each pixel's class (computed band by band)."""
+        from .results import confidence
+
+        return confidence(self.full)
+
+    def with_unknown(self, threshold: float) -> np.ndarray:
+        """The mask with label ``C`` ("unknown") where the class probability is below ``threshold``."""
+        from .results import with_unknown
+
+        return with_unknown(self.mask, self.confidence(), threshold, len(self.class_names))
+
+    def overlay(self, alpha: float = 0.5, palette: str = "classes", legend: bool = True) -> Any:
+        """The image with the class colours blended over it (a PIL image), with a legend of the
+        classes present to its right unless ``legend=False``.
+
+        Raises:
+            ValueError: the result does not hold its image (made without :meth:`Segmenter.predict`).
+        """
+        from PIL import Image
+
+        from . import viz
+        from .palettes import class_palette
+
+        if self.image is None:
+            raise ValueError("this result does not hold its image; pass it to resclip.viz.overlay instead")
+        colours = class_palette(self.class_names, palette)
+        if legend:
+            return viz.overlay_with_legend(self.image, self.mask, self.class_names, alpha, colours)
+        return Image.fromarray(viz.overlay(self.image, self.mask, alpha, colours))
+
+    def save(self, folder: str | Any, stem: str = "image", *, palette: str = "classes", alpha: float = 0.5,
+             rle: bool = False) -> list[Any]:
+        """Write ``<stem>_mask.png``, ``<stem>_overlay.png`` and ``<stem>.json`` into ``folder``
+        (created if missing), as ``resclip segment`` writes them, all or none.
+
+        Returns:
+            The three paths.
+
+        Raises:
+            resclip.fileio.OutputError: a file could not be written (none is left behind).
+        """
+        import io
+        from pathlib import Path
+
+        from . import viz
+        from .fileio import atomic_write_all
+        from .palettes import class_palette
+        from .results import OutputOptions, json_text, result_record
+
+        out = Path(folder).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        spec = self.classes or parse_classes(list(self.class_names))
+        colours = class_palette(spec.names, palette)
+        mask_png, overlay_png = io.BytesIO(), io.BytesIO()
+        viz.mask_image(self.mask, spec.num_classes, colours).save(mask_png, format="PNG")
+        self.overlay(alpha, palette).save(overlay_png, format="PNG")
+        paths = [out / f"{stem}_mask.png", out / f"{stem}_overlay.png", out / f"{stem}.json"]
+        record = result_record(stem, self.mask, spec, self.settings or {}, palette, alpha,
+                               {"mask": paths[0].name, "overlay": paths[1].name},
+                               output=OutputOptions(palette=palette, alpha=alpha, rle=rle).record(), rle=rle)
+        text = (json_text(record) + "\n").encode("utf-8")
+        atomic_write_all([(paths[0], mask_png.getvalue()), (paths[1], overlay_png.getvalue()),
+                          (paths[2], text)])
+        return paths
 
     def __repr__(self) -> str:
         return f"SegResult(mask={self.mask.shape}, classes={self.class_names})"
@@ -233,15 +321,37 @@ class Segmenter:
         Returns:
             ``(Q, h1, w1)`` float32.
         """
-        _, _, h1, w1 = x.shape
-        acc = torch.zeros(text.shape[0], h1, w1, device=x.device)
-        count = torch.zeros(1, h1, w1, device=x.device)
-        for chunk, logits in self._windows(x, text, query_to_class):
-            up = F.interpolate(logits, size=logits_size(chunk), mode="bilinear", align_corners=False)
-            for (y1, x1, y2, x2), win in zip(chunk, up, strict=False):
-                acc[:, y1:y2, x1:x2] += win
-                count[:, y1:y2, x1:x2] += 1
-        return ensure_finite(acc.div_(count), "the sliding-window averaged logits")
+        return self.batch_image_logits([x], text, query_to_class, window_batch=self.window_batch)[0]
+
+    def batch_image_logits(
+        self, xs: Sequence[torch.Tensor], text: torch.Tensor, query_to_class: torch.Tensor,
+        window_batch: int,
+    ) -> list[torch.Tensor]:
+        """:meth:`image_logits` of several images, their equally sized windows batched together
+        (``window_batch`` per engine call; windows of one image stay in their order).
+
+        Returns:
+            One ``(Q, h1, w1)`` float32 map per image of ``xs`` (each ``(1, 3, h1, w1)``).
+        """
+        p = self.protocol
+        accs = [torch.zeros(text.shape[0], x.shape[-2], x.shape[-1], device=x.device) for x in xs]
+        counts = [torch.zeros(1, x.shape[-2], x.shape[-1], device=x.device) for x in xs]
+        by_size: dict[tuple[int, int], list[tuple[int, tuple[int, int, int, int]]]] = {}
+        for i, x in enumerate(xs):
+            for box in window_coords(x.shape[-2], x.shape[-1], p.slide_crop, p.slide_stride):
+                by_size.setdefault((box[2] - box[0], box[3] - box[1]), []).append((i, box))
+        for size, items in by_size.items():
+            for start in range(0, len(items), window_batch):
+                chunk = items[start : start + window_batch]
+                crops = torch.cat([xs[i][:, :, y1:y2, x1:x2] for i, (y1, x1, y2, x2) in chunk])
+                logits = ensure_finite(self.engine.window_logits(crops, text, query_to_class),
+                                       "the image encoder's patch logits")
+                up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                for (i, (y1, x1, y2, x2)), win in zip(chunk, up, strict=True):
+                    accs[i][:, y1:y2, x1:x2] += win
+                    counts[i][:, y1:y2, x1:x2] += 1
+        return [ensure_finite(acc.div_(count), "the sliding-window averaged logits")
+                for acc, count in zip(accs, counts, strict=True)]
 
     def _windows(
         self, x: torch.Tensor, text: torch.Tensor, query_to_class: torch.Tensor
@@ -290,13 +400,66 @@ class Segmenter:
         x = self.resized_input(rgb)
         if text.shape[0] > QUERY_BLOCK and text.shape[0] * x.shape[-2] * x.shape[-1] > self.logits_budget:
             # many classes: keep the windows' patch logits, process the queries in groups
+            if self.protocol.tlp is not None:
+                raise ValueError(
+                    f"tlp couples all {text.shape[0]} queries over the whole image, but they exceed the "
+                    "memory budget for the whole logit map (classes would be processed in groups); use fewer "
+                    "classes, a smaller short_side or tlp=None"
+                )
             full = self.full_resolution(self.window_logits(x, text, q2c), x, q2c, rgb.shape[:2])
-            return SegResult(mask=full.mask(), class_names=list(spec.names), logits=None, full=full)
+            return SegResult(mask=full.mask(), class_names=list(spec.names), logits=None, full=full,
+                             image=rgb, classes=spec, settings=self.config.to_dict())
         logits = self.image_logits(x, text, q2c)
-        full = self.full_resolution(logits, x, q2c, rgb.shape[:2])
+        full = self.full_resolution(logits, x, q2c, rgb.shape[:2], text)
         return SegResult(
-            mask=full.mask(), class_names=list(spec.names), logits=logits.cpu().numpy(), full=full
+            mask=full.mask(), class_names=list(spec.names), logits=logits.cpu().numpy(), full=full,
+            image=rgb, classes=spec, settings=self.config.to_dict(),
         )
+
+    @torch.inference_mode()
+    def predict_batch(
+        self,
+        images: Sequence[ImageInput],
+        classes: Sequence[str] | str,
+        embeddings: torch.Tensor | np.ndarray | None = None,
+    ) -> list[SegResult]:
+        """Segment several images by the same class names: the classes are parsed and encoded
+        once, and equally sized sliding windows of different images go through the network in
+        the same batches (``window_batch`` windows per call), which keeps a GPU busy with many
+        small images. The results equal one :meth:`predict` per image up to float rounding of
+        the batched products (and exactly where a window keeps its batch).
+
+        Args:
+            images: paths, PIL images, uint8 numpy arrays or torch tensors (``(H, W, 3)``,
+                ``(3, H, W)``, RGBA composited on white, grayscale), in any mix.
+            classes: as for :meth:`predict`.
+            embeddings: optional precomputed ``(Q, D)`` query embeddings.
+
+        Raises:
+            ValueError: naming the index of the first image that cannot be segmented.
+        """
+        spec, text = self.encode_classes(classes, embeddings)
+        rgbs, xs = [], []
+        for i, image in enumerate(images):
+            try:
+                rgb = load_image(image)
+                self.check_size(rgb.shape[:2])
+            except (ValueError, TypeError, FileNotFoundError) as err:
+                raise type(err)(f"images[{i}]: {err}") from err
+            rgbs.append(rgb)
+            xs.append(self.resized_input(rgb))
+        grouped = text.shape[0] > QUERY_BLOCK and any(
+            text.shape[0] * x.shape[-2] * x.shape[-1] > self.logits_budget for x in xs)
+        if grouped:  # many classes: one image at a time, queries in groups (see predict)
+            return [self.predict(rgb, spec, embeddings=text) for rgb in rgbs]  # type: ignore[arg-type]
+        q2c = torch.tensor(spec.query_to_class, dtype=torch.int64, device=self.device)
+        all_logits = self.batch_image_logits(xs, text, q2c, window_batch=self.window_batch)
+        out = []
+        for rgb, x, logits in zip(rgbs, xs, all_logits, strict=True):
+            full = self.full_resolution(logits, x, q2c, rgb.shape[:2], text)
+            out.append(SegResult(mask=full.mask(), class_names=list(spec.names), logits=logits.cpu().numpy(),
+                                 full=full, image=rgb, classes=spec, settings=self.config.to_dict()))
+        return out
 
     def full_resolution(
         self,
@@ -304,21 +467,25 @@ class Segmenter:
         x: torch.Tensor,
         query_to_class: torch.Tensor,
         size: tuple[int, int],
+        text: torch.Tensor | None = None,
     ) -> FullResolution:
-        """Band-wise upsampling (+ PAMR if the protocol asks) and post-processing of ``logits``.
+        """Band-wise upsampling (+ PAMR and TLP if the protocol asks) and post-processing of ``logits``.
 
         Args:
             logits: ``(Q, h1, w1)`` window-averaged logits, or the :class:`WindowLogits` to rebuild
                 them from; x: ``(1, 3, h1, w1)`` the resized input.
             size: the original ``(H, W)``.
+            text: ``(Q, D)`` query embeddings (TLP's query affinity); needed only with ``protocol.tlp``.
         """
+        refine = self.protocol.pamr_steps > 0 or self.protocol.tlp is not None
         return FullResolution(
             logits.float() if isinstance(logits, torch.Tensor) else logits,
-            x if self.protocol.pamr_steps > 0 else None,
+            x if refine else None,
             query_to_class,
             self.protocol,
             size,
             budget=self.band_budget,
+            text=text if self.protocol.tlp is not None else None,
         )
 
     # ------------------------------------------------------------------ variants

@@ -223,7 +223,7 @@ def query_embeddings(
     fingerprint: str,
     cache: EmbeddingCache | None,
     templates: Sequence[str] = TEMPLATES,
-    batch_size: int = 256,
+    batch_size: int = 64,
     dim: int | None = None,
 ) -> torch.Tensor:
     """Embeddings of every query of ``spec``, computed with :func:`encode_queries` or taken from ``cache``.

@@ -6,6 +6,7 @@ ImageNet templates (as the papers do).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -15,6 +16,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .classes import ClassListWarning, ClassSpec
 from .digest import tensor_digest
@@ -42,7 +44,8 @@ def encode_queries(
     queries: Sequence[str],
     templates: Sequence[str] = TEMPLATES,
     *,
-    batch_size: int = 256,
+    batch_size: int = 64,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Embed each query as the normalised mean of its normalised prompt embeddings.
 
@@ -55,6 +58,8 @@ def encode_queries(
         queries: the Q query strings.
         templates: T format strings, each containing ``"{}"``.
         batch_size: prompts per ``encode_text`` call.
+        progress: a progress bar on stderr (prompts encoded, rate, time left); None: when stderr is
+            a terminal (see :func:`encode_with_truncation`).
 
     Returns:
         (Q, D) float32 tensor on the model's device, rows of unit norm.
@@ -62,16 +67,23 @@ def encode_queries(
     Raises:
         ValueError: empty queries or templates, a template without ``"{}"``, or batch_size < 1.
     """
-    embeddings, truncated = encode_with_truncation(model, tokenizer, queries, templates, batch_size)
+    embeddings, truncated = encode_with_truncation(model, tokenizer, queries, templates, batch_size,
+                                                   progress=progress)
     warn_truncated(truncated, stacklevel=3)
     return embeddings
 
 
 def encode_with_truncation(
-    model: nn.Module, tokenizer: Tokenizer, queries: Sequence[str], templates: Sequence[str], batch_size: int
+    model: nn.Module, tokenizer: Tokenizer, queries: Sequence[str], templates: Sequence[str], batch_size: int,
+    *, progress: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """:func:`encode_queries` without the warning: also returns ``{query: context length}`` for every
-    query that was truncated in some prompt."""
+    query that was truncated in some prompt.
+
+    Encoding is the slow first step on a CPU (80 prompts per name through the text tower), so it
+    reports progress in prompts: a bar when ``progress`` is True, or None and stderr is a terminal;
+    with None and stderr not a terminal (logs, pipes), one status line when there is more than one
+    batch."""
     queries = list(queries)
     templates = list(templates)
     if not queries:
@@ -85,13 +97,20 @@ def encode_with_truncation(
     encode_text = cast(Any, model).encode_text
     chunks = []
     truncated: dict[str, int] = {}
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        tokens = tokenizer(batch)
-        for i in _truncated_rows(tokenizer, batch, tokens):
-            truncated[queries[(start + i) // len(templates)]] = int(tokens.shape[-1])
-        features = encode_text(tokens.to(device)).float()
-        chunks.append(F.normalize(features, dim=-1))
+    what = f"encoding {len(queries)} class name{'s' if len(queries) != 1 else ''}"
+    show = sys.stderr.isatty() if progress is None else progress
+    if progress is None and not show and len(prompts) > batch_size:
+        print(f"resclip: {what} ({len(prompts)} prompts)...", file=sys.stderr, flush=True)
+    with tqdm(total=len(prompts), desc=what, unit="prompt", disable=not show, file=sys.stderr,
+              leave=False) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            tokens = tokenizer(batch)
+            for i in _truncated_rows(tokenizer, batch, tokens):
+                truncated[queries[(start + i) // len(templates)]] = int(tokens.shape[-1])
+            features = encode_text(tokens.to(device)).float()
+            chunks.append(F.normalize(features, dim=-1))
+            bar.update(len(batch))
     per_prompt = torch.cat(chunks).view(len(queries), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1), truncated
 

@@ -23,6 +23,10 @@ _BACKGROUND: Color = (255, 255, 255)
 _TEXT: Color = (20, 20, 20)
 
 
+# figure files: Pillow writes the rasters, PDF and SVG wrap them (resclip.figures)
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".pdf", ".svg")
+
+
 def _palette(palette: PaletteLike, n: int) -> np.ndarray:
     if isinstance(palette, str):
         return get_palette(palette, n)

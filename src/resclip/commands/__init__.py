@@ -25,9 +25,12 @@ COMMANDS = (
                 "segment images with your own class names; writes a mask PNG, an overlay and a JSON "
                 "per image"),
     CommandInfo("compare", "compare",
-                "segment one image with several methods and save the masks side by side (paper Fig. 5)"),
+                "segment images with several methods and save the masks side by side (paper Fig. 5)"),
     CommandInfo("attention", "attention",
                 "show the attention of one image patch across layers and methods (paper Fig. 1 / Fig. 3)"),
+    CommandInfo("label", "label",
+                "label a whole image collection (folder, list, WebDataset tars, Parquet) into sharded "
+                "Parquet files"),
     CommandInfo("eval", "eval_cmd", "evaluate on a benchmark (mIoU as the papers compute it)"),
     CommandInfo("reproduce", "reproduce",
                 "rerun a table of the paper and print our numbers beside the paper's"),

@@ -3,7 +3,9 @@
 The model is loaded before the server starts (a missing checkpoint fails here, on one line) and
 kept for every request; only the small last-block engine is built per request.
 
-The server listens on 127.0.0.1 unless ``--host`` says otherwise. Before sharing it, size its limits:
+The server listens on 127.0.0.1 unless ``--host`` says otherwise; ``--share`` asks Gradio for a
+temporary public link to it (the page is then reachable by anyone with the link). Before sharing it,
+size its limits:
 ``--max-upload-mb`` (default 20), ``--max-pixels`` (default 40,000,000: larger images are refused
 from their header, never decoded), ``--max-classes`` (default 200, synonyms included) and
 ``--concurrency`` (default 1: requests run one at a time, the others wait in Gradio's queue; each
@@ -16,7 +18,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from .common import UserError, add_model_arguments, parse_overrides
+from .common import METHOD_ALIAS, UserError, add_model_arguments, parse_overrides
 
 NAME = "demo"
 HELP = "serve the web demo (needs the optional 'demo' extra: pip install 'resclip[demo]')"
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--share", action="store_true",
+                        help="also serve the page through a temporary public Gradio link (*.gradio.live): "
+                        "anyone with the link can use it, within the limits below")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = LIMITS_NOTE
     g = parser.add_argument_group("limits (what one visitor may ask of the server)")
@@ -81,11 +86,14 @@ def run(args: argparse.Namespace) -> int:
     settings = DemoSettings(
         model=args.model, pretrained=pretrained, device=args.device, precision=args.precision,
         preset=args.preset, fidelity=args.fidelity, window_batch=args.window_batch,
-        overrides=tuple(sorted(parse_overrides(args.overrides).items())), method=args.method,
+        overrides=tuple(sorted(parse_overrides(args.overrides).items())),
+        method="naclip" if args.method == METHOD_ALIAS else args.method,  # 'resclip': naclip + RCS + SFR
         rcs=args.rcs, sfr=args.sfr, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
         max_classes=args.max_classes, concurrency=args.concurrency,
     )
-    print(f"loading the model, then serving on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
+    where = f"http://{args.host}:{args.port}" + (" and a public Gradio link" if args.share else "")
+    hint = "" if args.share else "; --share adds a temporary public link"
+    print(f"loading the model, then serving on {where} (Ctrl+C stops{hint})", flush=True)
     with cli_warnings():
-        launch(settings, args.host, args.port)
+        launch(settings, args.host, args.port, share=bool(args.share))
     return 0

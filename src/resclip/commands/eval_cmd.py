@@ -11,12 +11,9 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..datasets import get_dataset_spec, list_datasets, list_samples, root_names
-from ..eval import EvalResult, distributed, evaluate, write_results
-from ..metrics import format_table
-from ..presets import get_preset
-from ..segmenter import Segmenter
+from ..dataset_specs import get_dataset_spec, list_datasets, root_names
 from .common import (
     add_data_arguments,
     add_model_arguments,
@@ -25,6 +22,10 @@ from .common import (
     evaluation_options,
     segmenter_from_args,
 )
+
+if TYPE_CHECKING:  # torch-importing modules load in run(), so --help answers at once
+    from ..eval import EvalResult
+    from ..segmenter import Segmenter
 
 NAME = "eval"
 HELP = "evaluate on a benchmark (mIoU as the papers compute it)"
@@ -55,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..datasets import list_samples
+    from ..eval import distributed, evaluate
+    from ..presets import get_preset
+
     spec = get_dataset_spec(args.dataset)
     check_run_args(args)
     if args.preset == DATASET_DEFAULT:
@@ -86,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(result: EvalResult, seg: Segmenter, args: argparse.Namespace) -> None:
+    from ..eval import write_results
+    from ..metrics import format_table
+
     print(format_table(result.metrics, result.class_names))
     c = seg.config
     print(

@@ -18,8 +18,10 @@ HELP = "list the methods or presets"
 METHODS: tuple[tuple[str, str], ...] = (
     ('clearclip', 'ClearCLIP (q-q attention, no residual)'),
     ('clip', 'vanilla CLIP (q-k attention, residual kept)'),
+    ('cliper', "CLIPer: early-layer attention fusion over every layer's features (no diffusion)"),
     ('maskclip', 'MaskCLIP (value path, no residual)'),
     ('naclip', 'NACLIP (k-k attention + Gaussian prior, no residual)'),
+    ('pearl', 'PEARL: Procrustes-aligned q-k attention + centred k-k term (TLP in its presets)'),
     ('sc_clip', 'SC-CLIP: LOF-repaired tokens, similarity-prior k-k attention, multi-level fusion'),
     ('sclip', 'SCLIP (q-q + k-k attention, residual kept)'),
     ('sfp', 'SFP: attention-salient tokens repaired, q-q + k-k + similarity-prior attention'),
@@ -61,6 +63,14 @@ PRESETS: tuple[tuple[str, str], ...] = (
      "paper's printed settings for context60 (slide 224/112, lambda_rcs 0.5, lambda_sfr 0.7)"),
     ('paper/voc20', "paper's printed settings for voc20 (slide 224/112, lambda_rcs 0.5, lambda_sfr 0.7)"),
     ('paper/voc21', "paper's printed settings for voc21 (slide 224/112, lambda_rcs 0.5, lambda_sfr 0.7)"),
+    ('pearl/ade20k', 'PEARL repository protocol for ade20k (TLP on the output)'),
+    ('pearl/cityscapes', 'PEARL repository protocol for cityscapes (TLP on the output)'),
+    ('pearl/coco_object', 'PEARL repository protocol for coco_object (TLP on the output)'),
+    ('pearl/coco_stuff', 'PEARL repository protocol for coco_stuff (TLP on the output)'),
+    ('pearl/context59', 'PEARL repository protocol for context59 (TLP on the output)'),
+    ('pearl/context60', 'PEARL repository protocol for context60 (TLP on the output)'),
+    ('pearl/voc20', 'PEARL repository protocol for voc20 (TLP on the output)'),
+    ('pearl/voc21', 'PEARL repository protocol for voc21 (TLP on the output)'),
     ('resclip/ade20k', 'released ResCLIP config for ade20k'),
     ('resclip/cityscapes', 'released ResCLIP config for cityscapes'),
     ('resclip/coco_object', 'released ResCLIP config for coco_object'),
@@ -110,6 +120,8 @@ def live_lists() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ..
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=["methods", "presets"])
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="presets: also every setting each one makes (imports torch)")
     parser.add_argument("--check", action="store_true",
                         help="list from the live registries (slower: imports torch) and fail if the "
                              "built-in list differs")
@@ -117,6 +129,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rows, width = (METHODS, 10) if args.what == "methods" else (PRESETS, 24)
+    if args.verbose and args.what == "presets":
+        from ..presets import get_preset
+
+        for name, description in rows:
+            print(f"{name}: {description}")
+            for line in get_preset(name).settings_lines():
+                print(f"    {line}")
+        return 0
     if args.check:
         live = live_lists()[0 if args.what == "methods" else 1]
         if live != rows:

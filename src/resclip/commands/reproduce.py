@@ -1,4 +1,5 @@
-"""`resclip reproduce --table 1|2|3|4|A1|A2`: rerun a table of the paper, ours vs. printed, per cell."""
+"""`resclip reproduce --table 1|2|3|4|A1|A2|sc_clip|pearl|cliper`: rerun a paper table (ResCLIP's, or
+another method's main results), ours vs. printed, per cell."""
 
 from __future__ import annotations
 
@@ -10,14 +11,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..clip import resolve_device
-from ..datasets import get_dataset_spec, list_datasets, list_samples, root_names
-from ..eval import DistInfo, distributed, evaluate, software_versions, write_results
-from ..factory import create_segmenter
+from ..dataset_specs import get_dataset_spec, list_datasets, root_names
 from ..fileio import atomic_write_text
-from ..paper_tables import BACKBONES, TABLES, Column, PaperTable, Row, get_table
+from ..paper_tables import BACKBONES, TABLES, Column, PaperTable, Row, get_table, table_ids
 from .common import (
     UserError,
     add_data_arguments,
@@ -27,11 +25,14 @@ from .common import (
     parse_overrides,
 )
 
+if TYPE_CHECKING:  # torch-importing modules load when used, so --help answers at once
+    from ..eval import DistInfo
+
 NAME = "reproduce"
 HELP = "rerun a table of the paper and print our numbers beside the paper's"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--table", required=True, help=f"paper table: {', '.join(TABLES)}")
+    parser.add_argument("--table", required=True, help=f"paper table: {', '.join(table_ids())}")
     parser.add_argument(
         "--data-root",
         default=None,
@@ -77,6 +78,8 @@ def resolve_roots(
     args: argparse.Namespace, needed: set[str], verbose: bool
 ) -> dict[str, tuple[Path | None, str]]:
     """Per benchmark: its folder and '' if usable, else None and a short reason (details on stderr)."""
+    from ..datasets import list_samples
+
     out: dict[str, tuple[Path | None, str]] = {}
     for ds in list_datasets():
         flag = f"--root-{ds.replace('_', '-')}"
@@ -103,17 +106,38 @@ def resolve_roots(
 
 
 def parse_weights(items: list[str]) -> dict[str, str]:
-    """``BACKBONE=FILE`` items -> dict."""
+    """``BACKBONE=FILE`` items -> dict, each file's architecture checked against its label.
+
+    A file whose tensor shapes are another known architecture than the label's (an L/14 label on a
+    ViT-B/16 file) is refused, since its numbers would be printed as that backbone's; a file of no
+    known architecture (a custom or reduced model) is accepted with a warning.
+    """
+    from ..clip import checkpoint_architecture
+
     out = {}
     for item in items:
         key, sep, path = item.partition("=")
-        if not sep or key.strip() not in BACKBONES:
+        key = key.strip()
+        if not sep or key not in BACKBONES:
             raise UserError(
                 f"--weights expects BACKBONE=FILE with BACKBONE one of {', '.join(BACKBONES)}, got {item!r}"
             )
         if not Path(path).expanduser().is_file():
             raise UserError(f"--weights {key}: no such file {path!r}")
-        out[key.strip()] = path
+        try:
+            found = checkpoint_architecture(path)
+        except ValueError as err:
+            raise UserError(f"--weights {key}: {err}") from err
+        expected = BACKBONES[key][0]
+        if found is None:
+            print(f"resclip: warning: --weights {key}={path}: its shapes match no known architecture; "
+                  f"its results are labelled {key} ({expected}) as you asked", file=sys.stderr)
+        elif found != expected:
+            labels = [b for b, (arch, _) in BACKBONES.items() if arch == found]
+            hint = f"label it {labels[0]}" if labels else "give a file of that architecture"
+            raise UserError(f"--weights {key}={path} holds a {found} checkpoint, not {expected}; "
+                            f"give the {key} file or {hint}")
+        out[key] = path
     return out
 
 
@@ -171,6 +195,9 @@ class Runner:
         return self.memo[key]
 
     def _run(self, row: Row, backbone: str, ds: str, root: Path) -> tuple[float | None, str]:
+        from ..eval import evaluate, write_results
+        from ..factory import create_segmenter
+
         arch, tag = BACKBONES[backbone]
         model, pretrained = (None, self.weights[backbone]) if backbone in self.weights else (arch, tag)
         overrides = dict(self.overrides)
@@ -259,6 +286,8 @@ def summary_json(table: PaperTable, rows: list[Row], grid: list[list[Cell]], arg
     def num(x: float | None) -> float | None:
         return None if x is None or math.isnan(x) else round(x, 4)
 
+    from ..eval import software_versions
+
     data = {
         "table": table.id,
         "title": table.title,
@@ -288,6 +317,9 @@ def summary_json(table: PaperTable, rows: list[Row], grid: list[list[Cell]], arg
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..clip import resolve_device
+    from ..eval import distributed
+
     try:
         table = get_table(args.table)
     except ValueError as err:
@@ -299,7 +331,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"--rows {args.rows} matches no row of table {table.id}: {', '.join(r.label for r in table.rows)}"
         )
-    args.output = args.output or f"reproduce-table{table.id}.json"
+    args.output = args.output or (f"reproduce-table{table.id}.json" if table.id in TABLES
+                                  else f"reproduce-{table.id}.json")
     out = Path(args.output)
     runs_dir = out.with_name(out.stem + "_runs")
     with distributed(args.device) as (info, args.device):

@@ -36,16 +36,15 @@ import glob
 import io
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .. import __version__
 from ..fileio import atomic_write_all
-from ..palettes import PALETTES
+from ..palettes import PALETTES, class_palette
+from ..results import OutputOptions, json_text, result_record
 from .common import UserError, add_model_arguments, cli_warnings, segmenter_from_args
 
 if TYPE_CHECKING:  # `resclip segment --help` must not import torch: heavy modules load in `run`
@@ -54,7 +53,7 @@ if TYPE_CHECKING:  # `resclip segment --help` must not import torch: heavy modul
     from PIL import Image
 
     from ..classes import ClassSpec
-    from ..segmenter import Segmenter
+    from ..segmenter import Segmenter, SegResult
 
 
 def segment_array(seg: Segmenter, rgb: np.ndarray, classes: ClassSpec, text: torch.Tensor) -> np.ndarray:
@@ -157,12 +156,16 @@ def expand_inputs(items: Sequence[str]) -> list[Path]:
 
 @dataclass(frozen=True)
 class Job:
-    """One image and the three files it writes."""
+    """One image and the files it writes (``probs`` only with ``--save-probs``)."""
 
     image: Path
     mask: Path
     overlay: Path
     json: Path
+
+    @property
+    def probs(self) -> Path:
+        return self.json.with_name(self.json.stem + "_probs.npz")
 
 
 def plan_jobs(images: Sequence[Path], out: Path, overwrite: bool) -> list[Job]:
@@ -203,7 +206,7 @@ def finished_record(job: Job) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def expected_record(spec: ClassSpec, seg: Segmenter, palette: str, alpha: float, job: Job) -> dict[str, Any]:
+def expected_record(spec: ClassSpec, seg: Segmenter, opts: OutputOptions, job: Job) -> dict[str, Any]:
     """What a finished image's JSON must hold for this run (settings, classes, output options)."""
     classes = [{"name": name, "synonyms": [q for q, c in zip(spec.queries, spec.query_to_class, strict=True)
                                            if c == index]}
@@ -212,14 +215,14 @@ def expected_record(spec: ClassSpec, seg: Segmenter, palette: str, alpha: float,
     return json.loads(json.dumps({
         "settings": seg.config.to_dict(),
         "classes": classes,
-        "output": {"alpha": alpha, "palette": palette},
+        "output": opts.record(),
         "mask": job.mask.name,
         "overlay": job.overlay.name,
     }))
 
 
-def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter, palette: str,
-                   alpha: float) -> tuple[list[Job], list[Job]]:
+def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter,
+                   opts: OutputOptions) -> tuple[list[Job], list[Job]]:
     """(jobs to run, jobs already finished with these settings).
 
     Raises:
@@ -228,10 +231,10 @@ def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter, palette
     todo, done = [], []
     for job in jobs:
         record = finished_record(job)
-        if record is None:
+        if record is None or (opts.save_probs and not job.probs.is_file()):
             todo.append(job)
             continue
-        want = expected_record(spec, seg, palette, alpha, job)
+        want = expected_record(spec, seg, opts, job)
         got = {key: record.get(key) for key in want}
         if key_classes := got.get("classes"):
             got["classes"] = [{"name": c.get("name"), "synonyms": c.get("synonyms")}
@@ -247,68 +250,42 @@ def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter, palette
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def result_record(image: Path | str, mask: np.ndarray, spec: ClassSpec, seg: Segmenter, palette: str,
-                  alpha: float, files: dict[str, str]) -> dict[str, Any]:
-    """The JSON record of one segmented image."""
-    import numpy as np
+def write_outputs(job: Job, rgb: np.ndarray, result: SegResult, spec: ClassSpec, seg: Segmenter,
+                  opts: OutputOptions) -> None:
+    """Write the mask PNG, the overlay with its legend and the JSON of one image (and its
+    probabilities with ``save_probs``), all or none.
 
-    from .. import viz
-
-    counts = viz.pixel_counts(mask, spec.num_classes)
-    total = max(int(counts.sum()), 1)
-    colours = viz.colorize(np.arange(spec.num_classes).reshape(1, -1), palette)[0]
-    classes = []
-    for index, name in enumerate(spec.names):
-        synonyms = [q for q, c in zip(spec.queries, spec.query_to_class, strict=True) if c == index]
-        classes.append({
-            "index": index,
-            "name": name,
-            "synonyms": synonyms,
-            "color": [int(v) for v in colours[index]],
-            "pixels": int(counts[index]),
-            "share": round(float(counts[index]) / total, 6),
-        })
-    return {
-        "image": str(image),
-        "width": int(mask.shape[1]),
-        "height": int(mask.shape[0]),
-        **files,
-        "mask_format": "palette" if spec.num_classes <= 256 else "uint16",
-        "classes": classes,
-        "present": [spec.names[i] for i in np.flatnonzero(counts)],
-        "settings": seg.config.to_dict(),
-        "output": {"alpha": alpha, "palette": palette},
-        "resclip_version": __version__,
-    }
-
-
-def json_text(record: dict[str, Any]) -> str:
-    """Indented JSON with lists of plain values kept on one line (``"color": [0, 128, 0]``)."""
-
-    def flat(match: re.Match[str]) -> str:
-        return re.sub(r"\n\s*", "", match.group(0).replace(",\n", ", \n"))
-
-    return re.sub(r"\[[^\[\]{}]*\]", flat, json.dumps(record, indent=2, ensure_ascii=False))
-
-
-def write_outputs(job: Job, rgb: np.ndarray, mask: np.ndarray, spec: ClassSpec, seg: Segmenter,
-                  palette: str, alpha: float) -> None:
-    """Write the mask PNG, the overlay with its legend and the JSON of one image, all or none.
+    With ``opts.unknown``, pixels whose class probability is below it get the label ``C`` (one past
+    the last class), named ``unknown`` in the legend and the JSON.
 
     Raises:
-        resclip.fileio.OutputError: naming the file that could not be written; none of the three is
+        resclip.fileio.OutputError: naming the file that could not be written; none of the files is
             left behind (an existing one being replaced keeps its old content).
     """
     from .. import viz
+    from ..classes import ClassSpec
+    from ..results import confidence, probs_bytes, with_unknown
 
+    mask, shown = result.mask, spec
+    if opts.unknown is not None:
+        mask = with_unknown(mask, confidence(result.full), opts.unknown, spec.num_classes)
+        c = spec.num_classes
+        shown = ClassSpec((*spec.names, "unknown"), (*spec.queries, "unknown"), (*spec.query_to_class, c))
+    colours = class_palette(shown.names, opts.palette)
     mask_png = io.BytesIO()
-    viz.mask_image(mask, spec.num_classes, palette).save(mask_png, format="PNG")
-    overlay = image_bytes(viz.overlay_with_legend(rgb, mask, spec.names, alpha, palette))
-    record = result_record(job.image, mask, spec, seg, palette, alpha,
-                           {"mask": job.mask.name, "overlay": job.overlay.name})
+    viz.mask_image(mask, shown.num_classes, colours).save(mask_png, format="PNG")
+    overlay = image_bytes(viz.overlay_with_legend(rgb, mask, shown.names, opts.alpha, colours))
+    files = {"mask": job.mask.name, "overlay": job.overlay.name}
+    if opts.save_probs:
+        files["probs"] = job.probs.name
+    record = result_record(job.image, mask, shown, seg.config.to_dict(), opts.palette, opts.alpha, files,
+                           output=opts.record(), rle=opts.rle)
     # a file name that is not UTF-8 (a lone surrogate from the file system) is kept as a JSON \uXXXX escape
     text = (json_text(record) + "\n").encode("utf-8", errors="backslashreplace")
-    atomic_write_all([(job.mask, mask_png.getvalue()), (job.overlay, overlay), (job.json, text)])
+    outputs = [(job.mask, mask_png.getvalue()), (job.overlay, overlay), (job.json, text)]
+    if opts.save_probs:
+        outputs.append((job.probs, probs_bytes(result.probs, spec.names)))
+    atomic_write_all(outputs)
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -330,9 +307,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "with the same settings, refuse other existing files)")
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="colour weight of the overlay, 0..1 (default: 0.5)")
-    parser.add_argument("--palette", choices=PALETTES, default="voc",
-                        help="colours: voc (VOC bit palette, default; class 0 is black as VOC's background, "
-                        "so list a background class first) or distinct (bright colours, many classes)")
+    parser.add_argument("--palette", choices=PALETTES, default="classes",
+                        help="colours: classes (default: VOC colours, black only for a class named "
+                        "background or ignore), voc (VOC bit palette: class 0 black) or distinct (bright "
+                        "colours, many classes)")
+    parser.add_argument("--format", choices=("png", "rle"), default="png",
+                        help="png: the mask PNG holds the classes (default); rle: also each class's mask "
+                        "as COCO run-length encoding in the JSON")
+    parser.add_argument("--save-probs", action="store_true",
+                        help="also write <stem>_probs.npz: the class probabilities as compressed float16")
+    parser.add_argument("--unknown", type=float, default=None, metavar="P",
+                        help="label pixels whose class probability is below P (0..1) 'unknown' (an extra "
+                        "class after the given ones)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="background threads that decode the next images and write finished ones "
+                        "while the model runs (default: 1; 0: all in the main thread)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     add_model_arguments(parser, default_preset="default")
 
@@ -343,6 +332,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.unknown is not None and not 0.0 < args.unknown <= 1.0:
+        raise UserError(f"--unknown must be in (0, 1], got {args.unknown}")
     spec = load_classes(args.classes, args.class_file)
     images = expand_inputs(args.images)
     out = Path(args.out).expanduser()
@@ -352,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
     seg.release_text_tower()  # the classes are fixed for the run: only the visual tower is needed
     skipped: list[Job] = []
     if not args.overwrite:
-        jobs, skipped = split_finished(jobs, spec, seg, args.palette, args.alpha)
+        jobs, skipped = split_finished(jobs, spec, seg, output_options(args))
     if skipped and not args.quiet:
         n = len(skipped)
         print(f"skipped {n} image{'s' if n != 1 else ''} already segmented with these settings in "
@@ -361,8 +354,17 @@ def run(args: argparse.Namespace) -> int:
     return _process(jobs, seg, spec, emb, args)
 
 
+def output_options(args: argparse.Namespace) -> OutputOptions:
+    return OutputOptions(palette=args.palette, alpha=args.alpha, rle=args.format == "rle",
+                         unknown=args.unknown, save_probs=args.save_probs)
+
+
 def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Tensor,
              args: argparse.Namespace) -> int:
+    """Segment ``jobs`` in order. With ``--workers N`` > 0, N background threads decode the next
+    images and encode and write the finished ones while the model runs (the same bytes as in-line)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from PIL import Image
     from tqdm import tqdm
 
@@ -370,20 +372,52 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
 
     if not jobs:
         return 0
+    errors = (ValueError, OSError, RuntimeError, MemoryError, Image.DecompressionBombError)
     failed: list[str] = []
-    bar = tqdm(jobs, desc="segment", unit="image", disable=True if args.quiet or len(jobs) < 2 else None)
-    for job in bar:
-        try:
-            with cli_warnings():  # a fresh context per image: its warnings are shown for every image
-                rgb = load_image(job.image)
-                mask = segment_array(seg, rgb, spec, emb)
-            write_outputs(job, rgb, mask, spec, seg, args.palette, args.alpha)
-        except (ValueError, OSError, RuntimeError, MemoryError, Image.DecompressionBombError) as err:
-            message = str(err) if str(job.image) in str(err) else f"{str(job.image)!r}: {err}"
-            if len(jobs) == 1:
-                raise UserError(message) from err
-            failed.append(str(job.image))
-            tqdm.write(f"resclip: error: {message}; skipped", file=sys.stderr)
+
+    def fail(job: Job, err: BaseException) -> None:
+        message = str(err) if str(job.image) in str(err) else f"{str(job.image)!r}: {err}"
+        if len(jobs) == 1:
+            raise UserError(message) from err
+        failed.append(str(job.image))
+        tqdm.write(f"resclip: error: {message}; skipped", file=sys.stderr)
+
+    opts = output_options(args)
+
+    def write(job: Job, rgb: np.ndarray, result: SegResult) -> None:
+        write_outputs(job, rgb, result, spec, seg, opts)
+
+    bar = tqdm(total=len(jobs), desc="segment", unit="image",
+               disable=True if args.quiet or len(jobs) < 2 else None)
+    pool = ThreadPoolExecutor(args.workers) if args.workers > 0 else None
+    loads: dict[int, Future[np.ndarray]] = {}
+    writes: list[tuple[Job, Future[None]]] = []
+    try:
+        for i, job in enumerate(jobs):
+            if pool is not None:  # keep the next images decoding while this one runs
+                for ahead in range(i, min(i + args.workers + 1, len(jobs))):
+                    if ahead not in loads:
+                        loads[ahead] = pool.submit(load_image, jobs[ahead].image)
+            try:
+                with cli_warnings():  # a fresh context per image: its warnings are shown for every image
+                    rgb = loads.pop(i).result() if pool is not None else load_image(job.image)
+                    result = seg.predict(rgb, cast(Any, spec), embeddings=emb)
+                if pool is not None:
+                    writes.append((job, pool.submit(write, job, rgb, result)))
+                else:
+                    write(job, rgb, result)
+            except errors as err:
+                fail(job, err)
+            bar.update(1)
+        for job, pending in writes:
+            try:
+                pending.result()
+            except errors as err:
+                fail(job, err)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     done = len(jobs) - len(failed)
     if failed:
         print(f"resclip: error: {len(failed)} of {len(jobs)} images failed ({', '.join(failed)}); "

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..datasets import get_dataset_spec, list_datasets, list_samples
-from ..eval import distributed, evaluate
+from ..dataset_specs import get_dataset_spec, list_datasets
 from ..fileio import atomic_write, atomic_write_text
 from .common import (
     UserError,
@@ -144,6 +143,9 @@ def write_plot(keys: list[str], rows: list[dict[str, Any]], path: Path, title: s
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..datasets import list_samples  # torch-importing modules load here, so --help answers at once
+    from ..eval import distributed, evaluate
+
     spec = get_dataset_spec(args.dataset)
     check_run_args(args)
     keys, points = build_grid(args)

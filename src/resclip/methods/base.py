@@ -6,7 +6,9 @@ term, and whether the block keeps its residual and MLP. RCS and SFR work on thes
 so they plug into any registered method.
 
 Most methods are plain data: which token pairs they score (``"qk"`` = ``q k^T / sqrt(d)``, ``"kk"``,
-``"qq"``). A method with a score bias (NACLIP) subclasses :class:`BaseAttention`. A method is
+``"qq"``). A method with a score bias (NACLIP) subclasses :class:`BaseAttention`; so does one whose
+score terms are another function of ``q, k`` (PEARL's Procrustes-aligned scores override
+:meth:`BaseAttention.score_terms`), and RCS and SFR still act on its terms. A method is
 registered once, by its instance, under its own ``name``.
 
 A method that is more than "a different last-block attention" composes up to three optional
@@ -18,7 +20,8 @@ stages, each a small override (the defaults are exactly the plain path):
   the trunk's outputs into projected patch tokens instead of the standard last block. It gets a
   :class:`StageContext` whose ``mix_scores`` / ``mix_attention`` apply SFR and RCS where the method
   forms its attention, so both modules compose with it without knowing it;
-* logit refinement stays the protocol's (PAMR, thresholds), shared by every method.
+* logit refinement stays the protocol's (PAMR, TLP, thresholds), shared by every method; a preset
+  may set a method's own fields per dataset (``Preset.method_options``, e.g. PEARL's ``alpha_kk``).
 """
 
 from __future__ import annotations
@@ -44,14 +47,19 @@ class BaseAttention:
             ``softmax(k k^T / sqrt(d))`` and so on; the softmaxed terms are summed. Empty: identity
             attention (every token keeps its own value).
         description: one line for ``resclip list``.
+        title: the name as its paper spells it (``"SC-CLIP"``), for figures and tables; default
+            ``name``.
     """
 
     name: str
     keep_residual: bool
     pairs: tuple[str, ...] = ()
     description: str = ""
+    title: str = ""
 
     def __post_init__(self) -> None:
+        if not self.title:
+            object.__setattr__(self, "title", self.name)
         bad = [p for p in self.pairs if len(p) != 2 or set(p) - {"q", "k"}]
         if bad:
             raise ValueError(f"method {self.name!r}: score pairs must be 'qk', 'qq', 'kk' or 'kq', got {bad}")

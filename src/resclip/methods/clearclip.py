@@ -3,5 +3,5 @@
 from .base import BaseAttention, register_method
 
 CLEARCLIP = BaseAttention("clearclip", keep_residual=False, pairs=("qq",),
-                          description="ClearCLIP (q-q attention, no residual)")
+                          description="ClearCLIP (q-q attention, no residual)", title="ClearCLIP")
 register_method(CLEARCLIP)

@@ -8,5 +8,5 @@ identity.
 from .base import BaseAttention, register_method
 
 MASKCLIP = BaseAttention("maskclip", keep_residual=False, pairs=(),
-                         description="MaskCLIP (value path, no residual)")
+                         description="MaskCLIP (value path, no residual)", title="MaskCLIP")
 register_method(MASKCLIP)

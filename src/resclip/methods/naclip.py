@@ -21,5 +21,5 @@ class NaclipAttention(BaseAttention):
 
 
 NACLIP = NaclipAttention("naclip", keep_residual=False, pairs=("kk",),
-                         description="NACLIP (k-k attention + Gaussian prior, no residual)")
+                         description="NACLIP (k-k attention + Gaussian prior, no residual)", title="NACLIP")
 register_method(NACLIP)

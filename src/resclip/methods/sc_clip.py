@@ -125,5 +125,6 @@ register_method(
         keep_residual=False,
         pairs=("kk",),
         description="SC-CLIP: LOF-repaired tokens, similarity-prior k-k attention, multi-level fusion",
+        title="SC-CLIP",
     )
 )

@@ -3,5 +3,5 @@
 from .base import BaseAttention, register_method
 
 SCLIP = BaseAttention("sclip", keep_residual=True, pairs=("qq", "kk"),
-                      description="SCLIP (q-q + k-k attention, residual kept)")
+                      description="SCLIP (q-q + k-k attention, residual kept)", title="SCLIP")
 register_method(SCLIP)

@@ -101,5 +101,6 @@ register_method(
         keep_residual=False,
         pairs=("qq", "kk"),
         description="SFP: attention-salient tokens repaired, q-q + k-k + similarity-prior attention",
+        title="SFP",
     )
 )
