@@ -92,7 +92,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="could not read image"):
         load_image(tmp_path / "trunc.png")
     with pytest.raises(ValueError, match=r"shape \(H, W, 3\)"):
-        load_image(np.zeros((4, 4, 4), dtype=np.uint8))
+        load_image(np.zeros((4, 4, 2), dtype=np.uint8))
     with pytest.raises(ValueError, match="NaN or inf"):
         load_image(np.full((4, 4, 3), np.nan))
     with pytest.raises(ValueError, match="must be uint8"):

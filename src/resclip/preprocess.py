@@ -104,9 +104,9 @@ def load_image(image: ImageInput) -> np.ndarray:
 
 def _channels_last(arr: np.ndarray) -> np.ndarray:
     """``(C, H, W)`` arrays (C = 1, 3 or 4, as torch stores images) as ``(H, W, C)``; a single
-    channel as ``(H, W)``. An array whose last axis already has 1, 3 or 4 entries is taken as
-    channels-last."""
-    if arr.ndim == 3 and arr.shape[2] not in (1, 3, 4) and arr.shape[0] in (1, 3, 4):
+    channel as ``(H, W)``. An array whose last axis has at most 4 entries is taken as channels-last
+    (so ``(3, 3, 3)`` is HWC, and a ``(4, 4, 2)`` one is refused rather than read as CHW)."""
+    if arr.ndim == 3 and arr.shape[2] > 4 and arr.shape[0] in (1, 3, 4):
         arr = arr.transpose(1, 2, 0)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
@@ -132,7 +132,8 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image array must have shape (H, W, 3) (RGB), got {arr.shape}")
+        raise ValueError(f"image array must have shape (H, W, 3) (RGB; (3, H, W), RGBA and (H, W) grayscale "
+                         f"are taken too), got {arr.shape}")
     if arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.number):
             raise ValueError(f"image array must be uint8 RGB, got dtype {arr.dtype}")

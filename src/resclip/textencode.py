@@ -101,8 +101,9 @@ def encode_with_truncation(
     show = sys.stderr.isatty() if progress is None else progress
     if progress is None and not show and len(prompts) > batch_size:
         print(f"resclip: {what} ({len(prompts)} prompts)...", file=sys.stderr, flush=True)
+    # every batch is shown (a batch takes about a second on a CPU): no rate limit on the refresh
     with tqdm(total=len(prompts), desc=what, unit="prompt", disable=not show, file=sys.stderr,
-              leave=False) as bar:
+              leave=False, mininterval=0.0, miniters=1) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
             tokens = tokenizer(batch)
