@@ -10,9 +10,9 @@ by each mode in a fresh output folder, each in its own child process(es) running
 
 Reported per mode: the labelling rate (``work_seconds``: model loading and text encoding excluded;
 for Ray the actors' start is inside it) and the wall time of the whole command. The model is a
-real-size architecture with random weights (``--pretrained none``; speed does not depend on weight
-values), so the three modes' outputs are not compared here (random weights differ per process);
-tests/test_label_distributed.py checks the byte identity with a fixed checkpoint.
+real-size architecture with random weights (``--pretrained none``: one random model, seed 0, saved to
+a temporary file that every process reads; speed does not depend on weight values);
+tests/test_label_distributed.py checks that the modes' outputs are byte-identical.
 
 Examples::
 
@@ -63,6 +63,17 @@ def make_images(folder: Path, count: int, width: int, height: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         Image.fromarray(synthetic_image(height, width, seed=i)).save(folder / f"img-{i:05d}.jpg", quality=90)
+
+
+def random_checkpoint(model: str, path: Path) -> Path:
+    """A random open_clip ``model`` (seed 0) saved as a state dict: the weights every mode loads
+    (random weights built in each process would differ between torchrun ranks or Ray actors)."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(model).state_dict(), path)
+    return path
 
 
 def run_mode(mode: str, images: Path, out: Path, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
@@ -139,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-label-") as tmp:
         root = Path(tmp)
         make_images(root / "images", args.images, width, height)
+        if args.pretrained == "none":  # one random model saved once: every process reads the same weights
+            args.pretrained = str(random_checkpoint(args.model, root / "random.pt"))
         for mode in modes:
             print(f"bench_label: {mode} ...", file=sys.stderr, flush=True)
             res = run_mode(mode, root / "images", root / f"out-{mode}", args, root / "cache")

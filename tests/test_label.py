@@ -4,6 +4,7 @@ test_label_distributed.py."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -353,3 +354,25 @@ def test_through_resclip_cli_with_the_command_listed(folder: Path, tmp_path: Pat
     assert resclip.cli.main(argv) == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["images"] == 5 and summary["failures"] == [] and summary["images_per_second"] > 0
+
+
+def test_random_weights_are_refused_across_processes(folder: Path, tmp_path: Path, monkeypatch):
+    """pretrained=None builds different weights in every worker: refused for Ray and torchrun."""
+    with pytest.raises(ValueError, match=r"random weights \(pretrained=None\) differ in every process"):
+        label(folder, CLASSES, tmp_path / "r", pretrained=None, engine="ray")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    import importlib
+
+    dist = importlib.import_module("resclip.eval.distributed")  # the module, not eval's function
+
+    class Two:
+        rank, world_size = 0, 2
+
+    @contextlib.contextmanager
+    def two_ranks(device: str):
+        yield Two(), "cpu"
+
+    monkeypatch.setattr(dist, "distributed", two_ranks)
+    with pytest.raises(ValueError, match=r"save one model with torch\.save"):
+        label(folder, CLASSES, tmp_path / "t", pretrained=None)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()

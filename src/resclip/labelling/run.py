@@ -366,14 +366,21 @@ def run_label(source: str | os.PathLike[str] | Sequence[str], classes: Any, out:
     out_dir = Path(out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} is a file, expected a folder")
+    random_weights = ("random weights (pretrained=None) differ in every process, so the labels of "
+                      "different workers would not match: save one model with torch.save(model.state_dict(), "
+                      "path) and pass that file as pretrained")
     if options.engine == "ray":
         from .ray_engine import check_ray
 
+        if model.pretrained is None:
+            raise ValueError(random_weights)
         check_ray()
         return _run_ray(source, spec, out_dir, shards, model, options, t0)
     from ..eval.distributed import all_reduce, distributed
 
     with distributed(model.device) as (info, device):
+        if info.world_size > 1 and model.pretrained is None:
+            raise ValueError(random_weights)
         seg = model.create(device)
         spec, emb = seg.encode_classes(cast(Any, spec))
         seg.release_text_tower()
