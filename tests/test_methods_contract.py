@@ -196,3 +196,28 @@ def test_registering_a_name_twice_is_refused():
         register_method(BaseAttention("My Method", keep_residual=True))
     with pytest.raises(ValueError, match="score pairs"):
         BaseAttention("odd", keep_residual=True, pairs=("qv",))
+
+
+# the methods that bring their own stages, each under its own repository preset (PEARL's adds TLP)
+STAGE_PRESETS = {"sc_clip": "sc_clip/ade20k", "sfp": "sfp/ade20k", "pearl": "pearl/ade20k",
+                 "cliper": "default"}
+
+
+@pytest.mark.parametrize("method", list(STAGE_PRESETS))
+@pytest.mark.parametrize(("rcs", "sfr", "pamr"), [(True, False, 0), (False, True, 0), (True, True, 0),
+                                                  (False, False, 10), (True, True, 10)])
+def test_stage_methods_compose_with_every_module(tiny_ckpt, image, method, rcs, sfr, pamr):
+    """RCS and SFR change a stage method's logits; PAMR (and TLP) act after them."""
+    def seg(r: bool, s: bool, p: int) -> resclip.Segmenter:
+        return resclip.create_segmenter(method=method, rcs=r, sfr=s, preset=STAGE_PRESETS[method],
+                                        pretrained=str(tiny_ckpt), text_cache=False, pamr_steps=p, **SMALL)
+
+    base = seg(False, False, 0).predict(image, CLASSES)
+    res = seg(rcs, sfr, pamr).predict(image, CLASSES)
+    assert res.mask.shape == image.shape[:2] and np.isfinite(res.probs).all()
+    np.testing.assert_allclose(res.probs.sum(axis=0), 1.0, atol=1e-5)
+    if rcs or sfr:
+        assert np.abs(res.logits - base.logits).max() > 1e-4
+    else:
+        np.testing.assert_array_equal(res.logits, base.logits)
+        assert np.abs(res.full.logits_full() - base.full.logits_full()).max() > 1e-4
