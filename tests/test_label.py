@@ -376,3 +376,14 @@ def test_random_weights_are_refused_across_processes(folder: Path, tmp_path: Pat
     with pytest.raises(ValueError, match=r"save one model with torch\.save"):
         label(folder, CLASSES, tmp_path / "t", pretrained=None)
     assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()
+
+
+def test_an_image_listed_twice_is_refused(folder: Path, tmp_path: Path):
+    listing = tmp_path / "list.txt"
+    first, other = folder / "im0.jpg", folder / "sub" / "im1.png"
+    listing.write_text(f"{first}\n# a comment\n{other}\n{first}\n")
+    with pytest.raises(ValueError, match=r"names '.*im0\.jpg' twice \(entries 1 and 3\).*remove the repeat"):
+        list_shards(listing)
+    with pytest.raises(ValueError, match="twice"):
+        label([str(folder / "im0.jpg")] * 2, CLASSES, tmp_path / "o", pretrained=None)
+    assert not (tmp_path / "o").exists()

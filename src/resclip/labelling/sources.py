@@ -136,6 +136,7 @@ def list_shards(source: str | os.PathLike[str] | Sequence[str],
 
     Raises:
         FileNotFoundError: a path that does not exist, a glob or folder without images.
+        ValueError: a list or text file that names an image twice.
     """
     opts = options or SourceOptions()
     if not isinstance(source, (str, os.PathLike)):
@@ -181,6 +182,14 @@ def _glob_root(pattern: str) -> Path:
 
 
 def _chunk(ids: Sequence[str], paths: Sequence[str], size: int) -> list[Shard]:
+    """Image lists cut into shards of ``size``; an id given twice is refused (its rows would be
+    counted twice and its mask PNG written twice)."""
+    seen: dict[str, int] = {}
+    for n, id_ in enumerate(ids):
+        if id_ in seen:
+            raise ValueError(f"the source names {id_!r} twice (entries {seen[id_] + 1} and {n + 1}); "
+                             "image ids must be unique: remove the repeat")
+        seen[id_] = n
     return [Shard(i // size, "files", ids=tuple(ids[i:i + size]), paths=tuple(paths[i:i + size]))
             for i in range(0, len(ids), size)]
 
