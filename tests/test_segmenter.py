@@ -229,6 +229,10 @@ def test_result_helpers(tiny_ckpt, tmp_path):
     record = json.loads(paths[2].read_text())
     assert record["settings"]["method"] == "naclip" and record["classes"][2]["color"] == [0, 0, 0]
     assert record["classes"][0]["rle"] == res.rle()[0]
+    more = res.save(tmp_path / "more", "photo", unknown=float(np.median(conf)), save_probs=True)
+    assert [p.name for p in more] == ["photo_mask.png", "photo_overlay.png", "photo.json", "photo_probs.npz"]
+    np.testing.assert_array_equal(np.asarray(Image.open(more[0])), unknown)
+    assert [c["name"] for c in json.loads(more[2].read_text())["classes"]][-1] == "unknown"
 
 
 def test_predict_batch_shares_window_batches_across_images(tiny_ckpt, monkeypatch):

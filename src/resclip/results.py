@@ -22,12 +22,14 @@ import numpy as np
 if TYPE_CHECKING:
     from .classes import ClassSpec
     from .fullres import FullResolution
+    from .segmenter import SegResult
 
 __all__ = [
     "OutputOptions",
     "class_masks",
     "confidence",
     "json_text",
+    "output_files",
     "probs_bytes",
     "result_record",
     "rle_area",
@@ -230,3 +232,50 @@ def json_text(record: dict[str, Any]) -> str:
         return re.sub(r"\n\s*", "", match.group(0).replace(",\n", ", \n"))
 
     return re.sub(r"\[[^\[\]{}]*\]", flat, json.dumps(record, indent=2, ensure_ascii=False))
+
+
+def output_files(result: SegResult, folder: Path, stem: str, opts: OutputOptions,
+                 image: str | Path | None = None) -> list[tuple[Path, bytes]]:
+    """The files ``resclip segment`` writes for one result, as ``(path, bytes)`` pairs, for one
+    all-or-nothing :func:`resclip.fileio.atomic_write_all`: ``<stem>_mask.png`` (palette PNG of
+    class indices), ``<stem>_overlay.png`` (the image with colours and a legend), ``<stem>.json``
+    (:func:`result_record`, naming ``image``, default ``stem``) and, with ``opts.save_probs``,
+    ``<stem>_probs.npz``. With ``opts.unknown``, pixels whose class probability is below it get the
+    label ``C`` (one past the last class), named ``unknown`` in the legend and the JSON.
+
+    Raises:
+        ValueError: the result does not hold its image (made without ``Segmenter.predict``).
+    """
+    from PIL import Image
+
+    from . import viz
+    from .classes import ClassSpec, parse_classes
+    from .palettes import class_palette
+
+    if result.image is None:
+        raise ValueError("this result does not hold its image, so its overlay cannot be drawn")
+    spec = result.classes or parse_classes(list(result.class_names))
+    mask, shown = result.mask, spec
+    if opts.unknown is not None:
+        mask = with_unknown(mask, confidence(result.full), opts.unknown, spec.num_classes)
+        c = spec.num_classes
+        shown = ClassSpec((*spec.names, "unknown"), (*spec.queries, "unknown"), (*spec.query_to_class, c))
+    colours = class_palette(shown.names, opts.palette)
+    mask_png, overlay_png = io.BytesIO(), io.BytesIO()
+    viz.mask_image(mask, shown.num_classes, colours).save(mask_png, format="PNG")
+    overlay: Image.Image = viz.overlay_with_legend(result.image, mask, shown.names, opts.alpha, colours)
+    overlay.convert("RGB").save(overlay_png, format="PNG")
+    paths = {k: folder / f"{stem}{suffix}" for k, suffix in
+             (("mask", "_mask.png"), ("overlay", "_overlay.png"), ("json", ".json"), ("probs", "_probs.npz"))}
+    files = {"mask": paths["mask"].name, "overlay": paths["overlay"].name}
+    if opts.save_probs:
+        files["probs"] = paths["probs"].name
+    record = result_record(stem if image is None else image, mask, shown, result.settings or {}, opts.palette,
+                           opts.alpha, files, output=opts.record(), rle=opts.rle)
+    # a file name that is not UTF-8 (a lone surrogate from the file system) is kept as a JSON \uXXXX escape
+    text = (json_text(record) + "\n").encode("utf-8", errors="backslashreplace")
+    out = [(paths["mask"], mask_png.getvalue()), (paths["overlay"], overlay_png.getvalue()),
+           (paths["json"], text)]
+    if opts.save_probs:
+        out.append((paths["probs"], probs_bytes(result.probs, spec.names)))
+    return out

@@ -137,39 +137,28 @@ class SegResult:
         return Image.fromarray(viz.overlay(self.image, self.mask, alpha, colours))
 
     def save(self, folder: str | Any, stem: str = "image", *, palette: str = "classes", alpha: float = 0.5,
-             rle: bool = False) -> list[Any]:
-        """Write ``<stem>_mask.png``, ``<stem>_overlay.png`` and ``<stem>.json`` into ``folder``
-        (created if missing), as ``resclip segment`` writes them, all or none.
+             rle: bool = False, unknown: float | None = None, save_probs: bool = False) -> list[Any]:
+        """Write ``<stem>_mask.png``, ``<stem>_overlay.png`` and ``<stem>.json`` (and
+        ``<stem>_probs.npz`` with ``save_probs``) into ``folder`` (created if missing), exactly as
+        ``resclip segment`` writes them (:func:`resclip.results.output_files`), all or none.
 
         Returns:
-            The three paths.
+            The paths written.
 
         Raises:
             resclip.fileio.OutputError: a file could not be written (none is left behind).
         """
-        import io
         from pathlib import Path
 
-        from . import viz
         from .fileio import atomic_write_all
-        from .palettes import class_palette
-        from .results import OutputOptions, json_text, result_record
+        from .results import OutputOptions, output_files
 
         out = Path(folder).expanduser()
         out.mkdir(parents=True, exist_ok=True)
-        spec = self.classes or parse_classes(list(self.class_names))
-        colours = class_palette(spec.names, palette)
-        mask_png, overlay_png = io.BytesIO(), io.BytesIO()
-        viz.mask_image(self.mask, spec.num_classes, colours).save(mask_png, format="PNG")
-        self.overlay(alpha, palette).save(overlay_png, format="PNG")
-        paths = [out / f"{stem}_mask.png", out / f"{stem}_overlay.png", out / f"{stem}.json"]
-        record = result_record(stem, self.mask, spec, self.settings or {}, palette, alpha,
-                               {"mask": paths[0].name, "overlay": paths[1].name},
-                               output=OutputOptions(palette=palette, alpha=alpha, rle=rle).record(), rle=rle)
-        text = (json_text(record) + "\n").encode("utf-8")
-        atomic_write_all([(paths[0], mask_png.getvalue()), (paths[1], overlay_png.getvalue()),
-                          (paths[2], text)])
-        return paths
+        opts = OutputOptions(palette=palette, alpha=alpha, rle=rle, unknown=unknown, save_probs=save_probs)
+        files = output_files(self, out, stem, opts)
+        atomic_write_all(files)
+        return [path for path, _ in files]
 
     def __repr__(self) -> str:
         return f"SegResult(mask={self.mask.shape}, classes={self.class_names})"
@@ -407,14 +396,16 @@ class Segmenter:
                     "classes, a smaller short_side or tlp=None"
                 )
             full = self.full_resolution(self.window_logits(x, text, q2c), x, q2c, rgb.shape[:2])
-            return SegResult(mask=full.mask(), class_names=list(spec.names), logits=None, full=full,
-                             image=rgb, classes=spec, settings=self.config.to_dict())
+            return self._result(rgb, spec, full, None)
         logits = self.image_logits(x, text, q2c)
-        full = self.full_resolution(logits, x, q2c, rgb.shape[:2], text)
-        return SegResult(
-            mask=full.mask(), class_names=list(spec.names), logits=logits.cpu().numpy(), full=full,
-            image=rgb, classes=spec, settings=self.config.to_dict(),
-        )
+        return self._result(rgb, spec, self.full_resolution(logits, x, q2c, rgb.shape[:2], text), logits)
+
+    def _result(self, rgb: np.ndarray, spec: ClassSpec, full: FullResolution,
+                logits: torch.Tensor | None) -> SegResult:
+        """The :class:`SegResult` of one image (``logits`` None: rebuilt from ``full`` on access)."""
+        return SegResult(mask=full.mask(), class_names=list(spec.names),
+                         logits=None if logits is None else logits.cpu().numpy(), full=full, image=rgb,
+                         classes=spec, settings=self.config.to_dict())
 
     @torch.inference_mode()
     def predict_batch(
@@ -454,12 +445,8 @@ class Segmenter:
             return [self.predict(rgb, spec, embeddings=text) for rgb in rgbs]  # type: ignore[arg-type]
         q2c = torch.tensor(spec.query_to_class, dtype=torch.int64, device=self.device)
         all_logits = self.batch_image_logits(xs, text, q2c, window_batch=self.window_batch)
-        out = []
-        for rgb, x, logits in zip(rgbs, xs, all_logits, strict=True):
-            full = self.full_resolution(logits, x, q2c, rgb.shape[:2], text)
-            out.append(SegResult(mask=full.mask(), class_names=list(spec.names), logits=logits.cpu().numpy(),
-                                 full=full, image=rgb, classes=spec, settings=self.config.to_dict()))
-        return out
+        return [self._result(rgb, spec, self.full_resolution(logits, x, q2c, rgb.shape[:2], text), logits)
+                for rgb, x, logits in zip(rgbs, xs, all_logits, strict=True)]
 
     def full_resolution(
         self,

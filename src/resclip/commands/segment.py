@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import os
 import sys
@@ -43,14 +42,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..fileio import atomic_write_all
-from ..palettes import PALETTES, class_palette
-from ..results import OutputOptions, json_text, result_record
+from ..palettes import PALETTES
+from ..results import OutputOptions
 from .common import UserError, add_model_arguments, cli_warnings, segmenter_from_args
 
 if TYPE_CHECKING:  # `resclip segment --help` must not import torch: heavy modules load in `run`
     import numpy as np
     import torch
-    from PIL import Image
 
     from ..classes import ClassSpec
     from ..segmenter import Segmenter, SegResult
@@ -105,22 +103,6 @@ def check_output(path: Path, overwrite: bool) -> None:
         raise UserError(f"{str(path)!r} exists; pass --overwrite to replace it (nothing was written)")
     if path.exists() and path.is_dir():
         raise UserError(f"{str(path)!r} is a folder, expected a file name")
-
-
-def image_bytes(img: Image.Image, suffix: str = ".png") -> bytes:
-    """``img`` encoded for a file extension (PNG is deterministic: no timestamps).
-
-    Raises:
-        UserError: an extension Pillow cannot write.
-    """
-    from PIL import Image
-
-    fmt = Image.registered_extensions().get(suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise UserError(f"cannot write {suffix!r} pictures; use .png")
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-    return buf.getvalue()
 
 
 def expand_inputs(items: Sequence[str]) -> list[Path]:
@@ -250,42 +232,16 @@ def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter,
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def write_outputs(job: Job, rgb: np.ndarray, result: SegResult, spec: ClassSpec, seg: Segmenter,
-                  opts: OutputOptions) -> None:
-    """Write the mask PNG, the overlay with its legend and the JSON of one image (and its
-    probabilities with ``save_probs``), all or none.
-
-    With ``opts.unknown``, pixels whose class probability is below it get the label ``C`` (one past
-    the last class), named ``unknown`` in the legend and the JSON.
+def write_outputs(job: Job, result: SegResult, opts: OutputOptions) -> None:
+    """Write one image's files (:func:`resclip.results.output_files`), all or none.
 
     Raises:
         resclip.fileio.OutputError: naming the file that could not be written; none of the files is
             left behind (an existing one being replaced keeps its old content).
     """
-    from .. import viz
-    from ..classes import ClassSpec
-    from ..results import confidence, probs_bytes, with_unknown
+    from ..results import output_files
 
-    mask, shown = result.mask, spec
-    if opts.unknown is not None:
-        mask = with_unknown(mask, confidence(result.full), opts.unknown, spec.num_classes)
-        c = spec.num_classes
-        shown = ClassSpec((*spec.names, "unknown"), (*spec.queries, "unknown"), (*spec.query_to_class, c))
-    colours = class_palette(shown.names, opts.palette)
-    mask_png = io.BytesIO()
-    viz.mask_image(mask, shown.num_classes, colours).save(mask_png, format="PNG")
-    overlay = image_bytes(viz.overlay_with_legend(rgb, mask, shown.names, opts.alpha, colours))
-    files = {"mask": job.mask.name, "overlay": job.overlay.name}
-    if opts.save_probs:
-        files["probs"] = job.probs.name
-    record = result_record(job.image, mask, shown, seg.config.to_dict(), opts.palette, opts.alpha, files,
-                           output=opts.record(), rle=opts.rle)
-    # a file name that is not UTF-8 (a lone surrogate from the file system) is kept as a JSON \uXXXX escape
-    text = (json_text(record) + "\n").encode("utf-8", errors="backslashreplace")
-    outputs = [(job.mask, mask_png.getvalue()), (job.overlay, overlay), (job.json, text)]
-    if opts.save_probs:
-        outputs.append((job.probs, probs_bytes(result.probs, spec.names)))
-    atomic_write_all(outputs)
+    atomic_write_all(output_files(result, job.json.parent, job.json.stem, opts, image=job.image))
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -384,8 +340,8 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
 
     opts = output_options(args)
 
-    def write(job: Job, rgb: np.ndarray, result: SegResult) -> None:
-        write_outputs(job, rgb, result, spec, seg, opts)
+    def write(job: Job, result: SegResult) -> None:
+        write_outputs(job, result, opts)
 
     bar = tqdm(total=len(jobs), desc="segment", unit="image",
                disable=True if args.quiet or len(jobs) < 2 else None)
@@ -403,9 +359,9 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
                     rgb = loads.pop(i).result() if pool is not None else load_image(job.image)
                     result = seg.predict(rgb, cast(Any, spec), embeddings=emb)
                 if pool is not None:
-                    writes.append((job, pool.submit(write, job, rgb, result)))
+                    writes.append((job, pool.submit(write, job, result)))
                 else:
-                    write(job, rgb, result)
+                    write(job, result)
             except errors as err:
                 fail(job, err)
             bar.update(1)
