@@ -58,6 +58,12 @@ def _build_golden_model(path: Path) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def golden_ckpts(golden_ckpt_b16: Path, golden_ckpt_b32: Path) -> dict[str, Path]:
+    """The golden checkpoints by kind, as the golden sets name them."""
+    return {"b16": golden_ckpt_b16, "b32": golden_ckpt_b32}
+
+
+@pytest.fixture(scope="session")
 def golden_models(golden_ckpt_b16: Path, golden_ckpt_b32: Path) -> dict[str, torch.nn.Module]:
     return {"b16": _build_golden_model(golden_ckpt_b16), "b32": _build_golden_model(golden_ckpt_b32)}
 

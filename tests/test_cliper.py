@@ -5,7 +5,6 @@ non-square inputs and the command line."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 import resclip
-from parity import GOLDEN, LOGIT, TOK, load_golden, within
+from parity import LOGIT, TOK, assert_mask_at_stable_pixels, load_golden, load_manifest, within
 from resclip import cliper_protocol as cp
 from resclip.cli import main
 from resclip.engine import DenseEngine, WindowTrace
@@ -32,7 +31,7 @@ def cl() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def cl_manifest() -> dict:
-    return json.loads((GOLDEN / "cliper_manifest.json").read_text())
+    return load_manifest("cliper_manifest.json")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +89,7 @@ def test_window_stages(golden, cl, visuals, name):
 
 # ---------------------------------------------------------------- full images, every config family
 def _full_keys() -> list[str]:
-    man = json.loads((GOLDEN / "cliper_manifest.json").read_text())
+    man = load_manifest("cliper_manifest.json")
     return sorted(man["runs"])
 
 
@@ -112,9 +111,7 @@ def test_full_image_parity(golden, cl, cl_manifest, visuals, key):
     within(res.cam.flatten(1)[:, pix], cl[f"{key}__cam_samples"], LOGIT, "cam")
     want = cl[f"{key}__labels"]
     assert res.labels.shape == want.shape == tuple(cfg["ori_shape"])
-    stable = np.ones(want.size, dtype=bool)
-    stable[cl[f"{key}__unstable_idx"]] = False
-    np.testing.assert_array_equal(res.labels.reshape(-1)[stable], want.reshape(-1)[stable])
+    assert_mask_at_stable_pixels(res.labels, want, cl[f"{key}__unstable_idx"])
     if f"{key}__window_coords" in cl:  # every sliding window
         boxes = np.stack([w["box"].numpy() for w in res.patch.windows])
         np.testing.assert_array_equal(boxes, cl[f"{key}__window_coords"])

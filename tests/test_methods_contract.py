@@ -20,14 +20,6 @@ CLASSES = ["sky, wall", "cat", "person, man, woman", "tree"]
 SMALL = {"short_side": 96, "slide_crop": 64, "slide_stride": 32, "rcs_layers": (2, 3)}
 
 
-@pytest.fixture(scope="module")
-def image() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    img = np.zeros((60, 90, 3), dtype=np.uint8)
-    img[:, :45] = (200, 40, 40)
-    img[:, 45:] = (30, 90, 220)
-    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-
 
 def _seg(ckpt, method, rcs, sfr, **kw):
     settings = {**SMALL, **kw}
@@ -42,20 +34,20 @@ SCORED = [m for m in resclip.list_methods() if get_method(m).has_scores]
 
 
 @pytest.mark.parametrize(("method", "rcs", "sfr"), COMBOS)
-def test_contract(tiny_ckpt, image, method, rcs, sfr):
+def test_contract(tiny_ckpt, photo, method, rcs, sfr):
     if sfr and method not in SCORED:
         with pytest.raises(ValueError, match="identity attention"):
             _seg(tiny_ckpt, method, rcs, sfr)
         return
     seg = _seg(tiny_ckpt, method, rcs, sfr)
-    res = seg.predict(image, CLASSES)
-    assert res.mask.shape == image.shape[:2] and res.mask.dtype == np.uint8
+    res = seg.predict(photo, CLASSES)
+    assert res.mask.shape == photo.shape[:2] and res.mask.dtype == np.uint8
     assert res.mask.min() >= 0 and res.mask.max() < len(CLASSES)
-    assert res.probs.shape == (len(CLASSES), *image.shape[:2])
+    assert res.probs.shape == (len(CLASSES), *photo.shape[:2])
     assert np.isfinite(res.probs).all()
     np.testing.assert_allclose(res.probs.sum(axis=0), 1.0, atol=1e-5)
     assert res.class_names == ["sky", "cat", "person", "tree"]
-    again = seg.predict(image, CLASSES)
+    again = seg.predict(photo, CLASSES)
     assert np.array_equal(res.mask, again.mask) and np.array_equal(res.probs, again.probs)
 
 
@@ -64,9 +56,9 @@ MODULE_CASES = [(m, "rcs") for m in resclip.list_methods()] + [(m, "sfr") for m 
 
 
 @pytest.mark.parametrize(("method", "module"), MODULE_CASES)
-def test_each_module_really_changes_the_output(tiny_ckpt, image, method, module):
-    base = _seg(tiny_ckpt, method, False, False).predict(image, CLASSES)
-    on = _seg(tiny_ckpt, method, module == "rcs", module == "sfr").predict(image, CLASSES)
+def test_each_module_really_changes_the_output(tiny_ckpt, photo, method, module):
+    base = _seg(tiny_ckpt, method, False, False).predict(photo, CLASSES)
+    on = _seg(tiny_ckpt, method, module == "rcs", module == "sfr").predict(photo, CLASSES)
     assert np.abs(on.logits - base.logits).max() > 1e-4
 
 
@@ -162,8 +154,8 @@ def test_sfr_with_one_label_everywhere_has_no_decay(tiny_visual, window_inputs):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_on_cpu_is_finite_and_close(tiny_ckpt, image, precision):
-    ref = _seg(tiny_ckpt, "naclip", True, True).predict(image, CLASSES)
+def test_low_precision_on_cpu_is_finite_and_close(tiny_ckpt, photo, precision):
+    ref = _seg(tiny_ckpt, "naclip", True, True).predict(photo, CLASSES)
     low = resclip.create_segmenter(
         method="naclip",
         preset="ade20k",
@@ -171,7 +163,7 @@ def test_low_precision_on_cpu_is_finite_and_close(tiny_ckpt, image, precision):
         text_cache=False,
         precision=precision,
         **SMALL,
-    ).predict(image, CLASSES)
+    ).predict(photo, CLASSES)
     assert np.isfinite(low.probs).all()
     assert np.abs(low.probs - ref.probs).mean() < 0.05
 
@@ -206,15 +198,15 @@ STAGE_PRESETS = {"sc_clip": "sc_clip/ade20k", "sfp": "sfp/ade20k", "pearl": "pea
 @pytest.mark.parametrize("method", list(STAGE_PRESETS))
 @pytest.mark.parametrize(("rcs", "sfr", "pamr"), [(True, False, 0), (False, True, 0), (True, True, 0),
                                                   (False, False, 10), (True, True, 10)])
-def test_stage_methods_compose_with_every_module(tiny_ckpt, image, method, rcs, sfr, pamr):
+def test_stage_methods_compose_with_every_module(tiny_ckpt, photo, method, rcs, sfr, pamr):
     """RCS and SFR change a stage method's logits; PAMR (and TLP) act after them."""
     def seg(r: bool, s: bool, p: int) -> resclip.Segmenter:
         return resclip.create_segmenter(method=method, rcs=r, sfr=s, preset=STAGE_PRESETS[method],
                                         pretrained=str(tiny_ckpt), text_cache=False, pamr_steps=p, **SMALL)
 
-    base = seg(False, False, 0).predict(image, CLASSES)
-    res = seg(rcs, sfr, pamr).predict(image, CLASSES)
-    assert res.mask.shape == image.shape[:2] and np.isfinite(res.probs).all()
+    base = seg(False, False, 0).predict(photo, CLASSES)
+    res = seg(rcs, sfr, pamr).predict(photo, CLASSES)
+    assert res.mask.shape == photo.shape[:2] and np.isfinite(res.probs).all()
     np.testing.assert_allclose(res.probs.sum(axis=0), 1.0, atol=1e-5)
     if rcs or sfr:
         assert np.abs(res.logits - base.logits).max() > 1e-4

@@ -5,7 +5,7 @@ with RCS / SFR / PAMR, fidelity, non-square input, presets and the command line.
 
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,17 @@ import pytest
 import torch
 
 import resclip
-from parity import ADELIKE, GOLDEN, LOGIT, TOK, VOCLIKE, load_golden, within
+from parity import (
+    ADELIKE,
+    LOGIT,
+    TOK,
+    VOCLIKE,
+    assert_mask_at_stable_pixels,
+    golden_segmenter,
+    load_golden,
+    load_manifest,
+    within,
+)
 from resclip.cli import main
 from resclip.engine import WindowTrace
 from resclip.methods import get_method
@@ -34,18 +44,11 @@ def pe() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def pe_manifest() -> dict:
-    return json.loads((GOLDEN / "pearl_manifest.json").read_text())
+    return load_manifest("pearl_manifest.json")
 
 
-@pytest.fixture(scope="module")
-def ckpts(golden_ckpt_b16, golden_ckpt_b32):
-    return {"b16": golden_ckpt_b16, "b32": golden_ckpt_b32}
 
-
-def _seg(ckpt: Path, preset: str = "pearl/voc21", rcs: bool = False, sfr: bool = False, **kw):
-    with pytest.warns(UserWarning, match="custom ViT"):
-        return resclip.create_segmenter(method="pearl", rcs=rcs, sfr=sfr, preset=preset,
-                                        pretrained=str(ckpt), text_cache=False, **kw)
+_seg = functools.partial(golden_segmenter, "pearl")
 
 
 # ---------------------------------------------------------------- single windows, stage by stage
@@ -60,9 +63,9 @@ def _window_input(golden, img, crop):
 
 
 @pytest.mark.parametrize("name", list(WINDOWS))
-def test_window_stages(golden, pe, ckpts, name):
+def test_window_stages(golden, pe, golden_ckpts, name):
     kind, img, crop = WINDOWS[name]
-    seg = _seg(ckpts[kind])
+    seg = _seg(golden_ckpts[kind])
     x = _window_input(golden, img, crop)
     text = torch.from_numpy(golden["classifier__voclike"])
     trace = WindowTrace()
@@ -87,9 +90,9 @@ def test_window_stages(golden, pe, ckpts, name):
     within(logits[0], pe[f"{name}__patch_logits"], LOGIT, "patch logits")
 
 
-def test_alpha_kk_window(golden, pe, ckpts):
+def test_alpha_kk_window(golden, pe, golden_ckpts):
     """W3: the release with alpha_kk = 0.3 (ADE20K, Cityscapes) on W0's input."""
-    seg = _seg(ckpts["b16"], "pearl/ade20k")
+    seg = _seg(golden_ckpts["b16"], "pearl/ade20k")
     assert seg.engine.method.alpha_kk == 0.3  # type: ignore[attr-defined]
     x = normalise(golden["imgA__raw_rgb"])
     text = torch.from_numpy(golden["classifier__voclike"])
@@ -129,9 +132,9 @@ RUNS = [(fam, img) for fam, spec in FAMILIES.items() for img in spec[3]]
 
 
 @pytest.mark.parametrize(("fam", "img"), RUNS)
-def test_full_image_parity(golden, pe, ckpts, fam, img):
+def test_full_image_parity(golden, pe, golden_ckpts, fam, img):
     preset, cls, kind, _, kw = FAMILIES[fam]
-    seg = _seg(ckpts[kind], preset, **kw)
+    seg = _seg(golden_ckpts[kind], preset, **kw)
     p = f"full__{fam}__img{img}"
     image = golden[f"img{img}__raw_rgb"]
     res = seg.predict(image, CLASSES[cls], embeddings=golden[f"classifier__{cls}"])
@@ -146,20 +149,18 @@ def test_full_image_parity(golden, pe, ckpts, fam, img):
     within(full[:, idx], pe[f"{p}__final_logits_samples"], LOGIT, "final logits")
     probs = res.probs.reshape(res.probs.shape[0], -1)
     within(probs[:, idx], pe[f"{p}__probs_samples"], LOGIT, "probabilities")
-    stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
-    stable[pe[f"{p}__pred_unstable_idx"]] = False
-    np.testing.assert_array_equal(res.mask.reshape(-1)[stable], pe[f"{p}__pred"].reshape(-1)[stable])
+    assert_mask_at_stable_pixels(res.mask, pe[f"{p}__pred"], pe[f"{p}__pred_unstable_idx"])
 
 
 TLP_RUNS = [(fam, img) for fam, img in RUNS if fam != "tlp_off"]
 
 
 @pytest.mark.parametrize(("fam", "img"), TLP_RUNS)
-def test_tlp_stages(golden, pe, ckpts, fam, img):
+def test_tlp_stages(golden, pe, golden_ckpts, fam, img):
     """TLP's coarse-grid pieces from the recorded TLP input (guide image and logits)."""
     preset, cls, kind, _, _ = FAMILIES[fam]
     p = f"full__{fam}__img{img}"
-    seg = _seg(ckpts[kind], preset)
+    seg = _seg(golden_ckpts[kind], preset)
     image = golden[f"img{img}__raw_rgb"]
     spec, text = seg.encode_classes(CLASSES[cls], golden[f"classifier__{cls}"])
     x = seg.resized_input(image)
@@ -193,9 +194,9 @@ WINDOW_RUNS = [("context60", "A"), ("default_b32", "C")]
 
 
 @pytest.mark.parametrize(("fam", "img"), WINDOW_RUNS)
-def test_every_window(golden, pe, ckpts, fam, img):
+def test_every_window(golden, pe, golden_ckpts, fam, img):
     preset, cls, kind, _, _ = FAMILIES[fam]
-    seg = _seg(ckpts[kind], preset)
+    seg = _seg(golden_ckpts[kind], preset)
     p = f"full__{fam}__img{img}"
     x = seg.resized_input(golden[f"img{img}__raw_rgb"])
     pr = seg.protocol
@@ -242,11 +243,12 @@ def test_fidelity_switches_rotation_and_coupling(tiny_ckpt):
     assert back.protocol.tlp is not None and back.protocol.tlp.coupling == "diagonal"
 
 
-def test_paper_fidelity_runs_and_differs(golden, ckpts):
+def test_paper_fidelity_runs_and_differs(golden, golden_ckpts):
     image = golden["imgC__raw_rgb"]
     emb = golden["classifier__voclike"]
-    official = _seg(ckpts["b16"], "pearl/context60").predict(image, VOCLIKE, embeddings=emb)
-    paper = _seg(ckpts["b16"], "pearl/context60", fidelity="paper").predict(image, VOCLIKE, embeddings=emb)
+    b16 = golden_ckpts["b16"]
+    official = _seg(b16, "pearl/context60").predict(image, VOCLIKE, embeddings=emb)
+    paper = _seg(b16, "pearl/context60", fidelity="paper").predict(image, VOCLIKE, embeddings=emb)
     assert np.isfinite(paper.probs).all() and np.abs(paper.logits - official.logits).max() > 1e-4
 
 

@@ -4,6 +4,7 @@ non-square inputs, presets and the command line."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -13,7 +14,17 @@ import torch
 import torch.nn.functional as F
 
 import resclip
-from parity import ADELIKE, GOLDEN, LOGIT, TOK, VOCLIKE, load_golden, within
+from parity import (
+    ADELIKE,
+    LOGIT,
+    TOK,
+    VOCLIKE,
+    assert_mask_at_stable_pixels,
+    golden_segmenter,
+    load_golden,
+    load_manifest,
+    within,
+)
 from resclip.cli import main
 from resclip.engine import WindowTrace
 from resclip.methods import get_method
@@ -31,13 +42,10 @@ def sc() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def sc_manifest() -> dict:
-    return json.loads((GOLDEN / "sc_clip_manifest.json").read_text())
+    return load_manifest("sc_clip_manifest.json")
 
 
-def _seg(ckpt: Path, preset: str = "sc_clip/voc21", rcs: bool = False, sfr: bool = False, **kw):
-    with pytest.warns(UserWarning, match="custom ViT"):
-        return resclip.create_segmenter(method="sc_clip", rcs=rcs, sfr=sfr, preset=preset,
-                                        pretrained=str(ckpt), text_cache=False, **kw)
+_seg = functools.partial(golden_segmenter, "sc_clip")
 
 
 # ---------------------------------------------------------------- single windows, stage by stage
@@ -98,19 +106,15 @@ FAMILIES = {
 RUNS = [(fam, img) for fam, spec in FAMILIES.items() for img in spec[3]]
 
 
-def _family_seg(fam, ckpts):
+def _family_seg(fam, golden_ckpts):
     preset, cls, kind, _, logits_fam = FAMILIES[fam]
-    return _seg(ckpts[kind], preset), cls, logits_fam
+    return _seg(golden_ckpts[kind], preset), cls, logits_fam
 
-
-@pytest.fixture(scope="module")
-def ckpts(golden_ckpt_b16, golden_ckpt_b32):
-    return {"b16": golden_ckpt_b16, "b32": golden_ckpt_b32}
 
 
 @pytest.mark.parametrize(("fam", "img"), RUNS)
-def test_full_image_parity(golden, sc, ckpts, fam, img):
-    seg, cls, logits_fam = _family_seg(fam, ckpts)
+def test_full_image_parity(golden, sc, golden_ckpts, fam, img):
+    seg, cls, logits_fam = _family_seg(fam, golden_ckpts)
     prefix, lprefix = f"slide__{fam}__img{img}", f"slide__{logits_fam}__img{img}"
     image = golden[f"img{img}__raw_rgb"]
     res = seg.predict(image, CLASSES[cls], embeddings=golden[f"classifier__{cls}"])
@@ -126,17 +130,15 @@ def test_full_image_parity(golden, sc, ckpts, fam, img):
     want = sc[f"{prefix}__probs_samples"]
     want = want / want.sum(axis=0, keepdims=True)  # the release does not renormalise
     within(res.probs.reshape(res.probs.shape[0], -1)[:, fidx], want, LOGIT, "probabilities")
-    stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
-    stable[sc[f"{prefix}__pred_unstable_idx"]] = False
-    np.testing.assert_array_equal(res.mask.reshape(-1)[stable], sc[f"{prefix}__pred"].reshape(-1)[stable])
+    assert_mask_at_stable_pixels(res.mask, sc[f"{prefix}__pred"], sc[f"{prefix}__pred_unstable_idx"])
 
 
 WINDOW_RUNS = [(fam, img) for fam, img in RUNS if FAMILIES[fam][4] == fam]
 
 
 @pytest.mark.parametrize(("fam", "img"), WINDOW_RUNS)
-def test_every_window(golden, sc, ckpts, fam, img):
-    seg, cls, _ = _family_seg(fam, ckpts)
+def test_every_window(golden, sc, golden_ckpts, fam, img):
+    seg, cls, _ = _family_seg(fam, golden_ckpts)
     prefix = f"slide__{fam}__img{img}"
     x = seg.resized_input(golden[f"img{img}__raw_rgb"])
     p = seg.protocol

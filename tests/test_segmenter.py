@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import resclip
-from parity import assert_parity
+from parity import assert_mask_at_stable_pixels, assert_parity
 from resclip.engine import WindowTrace
 from resclip.preprocess import resize_image, window_coords
 
@@ -99,9 +99,7 @@ def test_full_image_parity(golden, golden_ckpt_b16, prefix, method, modules, pre
     assert_parity(
         full.reshape(full.shape[0], -1)[:, fidx],
         golden[f"{prefix}__final_logits_samples"], atol=1e-5)
-    stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
-    stable[golden[f"{prefix}__pred_unstable_idx"]] = False
-    np.testing.assert_array_equal(res.mask.reshape(-1)[stable], golden[f"{prefix}__pred"].reshape(-1)[stable])
+    assert_mask_at_stable_pixels(res.mask, golden[f"{prefix}__pred"], golden[f"{prefix}__pred_unstable_idx"])
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ and the full-image outputs of each recorded run; composition, non-square inputs,
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +12,17 @@ import pytest
 import torch
 
 import resclip
-from parity import ADELIKE, GOLDEN, LOGIT, TOK, VOCLIKE, load_golden, within
+from parity import (
+    ADELIKE,
+    LOGIT,
+    TOK,
+    VOCLIKE,
+    assert_mask_at_stable_pixels,
+    golden_segmenter,
+    load_golden,
+    load_manifest,
+    within,
+)
 from resclip.cli import main
 from resclip.engine import WindowTrace
 from resclip.methods.calibration import salient_outliers
@@ -25,15 +36,8 @@ def sfp() -> dict[str, np.ndarray]:
     return load_golden("golden_sfp.npz")
 
 
-@pytest.fixture(scope="module")
-def ckpts(golden_ckpt_b16, golden_ckpt_b32):
-    return {"b16": golden_ckpt_b16, "b32": golden_ckpt_b32}
 
-
-def _seg(ckpt: Path, preset: str = "sfp/voc21", rcs: bool = False, sfr: bool = False, **kw):
-    with pytest.warns(UserWarning, match="custom ViT"):
-        return resclip.create_segmenter(method="sfp", rcs=rcs, sfr=sfr, preset=preset,
-                                        pretrained=str(ckpt), text_cache=False, **kw)
+_seg = functools.partial(golden_segmenter, "sfp")
 
 
 def _flat(rc: np.ndarray, w: int) -> list[int]:
@@ -46,9 +50,9 @@ WINDOWS = {"W0": ("b16", "raw", "A", None), "W2": ("b32", "raw", "A", None),
 
 
 @pytest.mark.parametrize("name", list(WINDOWS))
-def test_window_stages(golden, sfp, ckpts, name):
+def test_window_stages(golden, sfp, golden_ckpts, name):
     kind, src, img, crop = WINDOWS[name]
-    seg = _seg(ckpts[kind])
+    seg = _seg(golden_ckpts[kind])
     x = normalise(golden[f"img{img}__{src}_rgb"])
     if crop is not None:
         y1, x1, y2, x2 = crop
@@ -100,9 +104,9 @@ def _classifier(golden, sfp, name):
 
 
 @pytest.mark.parametrize(("run", "img"), CASES)
-def test_full_image_parity(golden, sfp, ckpts, run, img):
+def test_full_image_parity(golden, sfp, golden_ckpts, run, img):
     preset, lines, cls, kind, _ = RUNS[run]
-    seg = _seg(ckpts[kind], preset)
+    seg = _seg(golden_ckpts[kind], preset)
     prefix = f"slide__{run}__img{img}"
     image = golden[f"img{img}__raw_rgb"]
     res = seg.predict(image, lines, embeddings=_classifier(golden, sfp, cls))
@@ -116,15 +120,13 @@ def test_full_image_parity(golden, sfp, ckpts, run, img):
     want = sfp[f"{prefix}__probs_samples"]
     want = want / want.sum(axis=0, keepdims=True)  # the release does not renormalise
     within(res.probs.reshape(res.probs.shape[0], -1)[:, fidx], want, LOGIT, "probabilities")
-    stable = np.ones(image.shape[0] * image.shape[1], dtype=bool)
-    stable[sfp[f"{prefix}__pred_unstable_idx"]] = False
-    np.testing.assert_array_equal(res.mask.reshape(-1)[stable], sfp[f"{prefix}__pred"].reshape(-1)[stable])
+    assert_mask_at_stable_pixels(res.mask, sfp[f"{prefix}__pred"], sfp[f"{prefix}__pred_unstable_idx"])
 
 
 @pytest.mark.parametrize(("run", "img"), CASES)
-def test_every_window(golden, sfp, ckpts, run, img):
+def test_every_window(golden, sfp, golden_ckpts, run, img):
     preset, lines, cls, kind, _ = RUNS[run]
-    seg = _seg(ckpts[kind], preset)
+    seg = _seg(golden_ckpts[kind], preset)
     prefix = f"slide__{run}__img{img}"
     x = seg.resized_input(golden[f"img{img}__raw_rgb"])
     p = seg.protocol
@@ -143,7 +145,7 @@ def test_every_window(golden, sfp, ckpts, run, img):
 
 # ---------------------------------------------------------------- presets, detector, composition
 def test_presets_are_the_release_configs():
-    cfgs = json.loads((GOLDEN / "sfp_manifest.json").read_text())["dataset_cfgs_sfp"]
+    cfgs = load_manifest("sfp_manifest.json")["dataset_cfgs_sfp"]
     names = {"coco_stuff": "coco_stuff164k", "cityscapes": "city_scapes"}
     for ds in resclip.presets.DATASETS:
         want = cfgs[names.get(ds, ds)]
@@ -171,9 +173,9 @@ def test_som_picks_at_most_k_salient_patches_by_cls_attention():
     assert out[0].tolist() == [True, False, True, True, False]
 
 
-def test_non_square_inputs_do_not_crash(golden, ckpts):
+def test_non_square_inputs_do_not_crash(golden, golden_ckpts):
     """The release raises IndexError on a 21x28 grid; the row-major mapping does not."""
-    seg = _seg(ckpts["b16"], "sfp/context59", slide_crop=0)
+    seg = _seg(golden_ckpts["b16"], "sfp/context59", slide_crop=0)
     res = seg.predict(golden["imgB__resized_rgb"], ADELIKE, embeddings=golden["classifier__adelike"])
     assert res.mask.shape == golden["imgB__resized_rgb"].shape[:2] and np.isfinite(res.probs).all()
 
