@@ -42,5 +42,10 @@ if [ "$TORCH_BUILD" = cpu ] && [ -z "${PIP_FIND_LINKS:-}" ] \
 fi
 # shellcheck disable=SC2086
 python -m pip install -q ${torch_index[@]+"${torch_index[@]}"} ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
+# sam2 (the dev and sam extras) ships as source that builds against the installed torch: build it
+# here without pip's isolated build (which would fetch a second torch) and without its CUDA kernel
+# (an optional post-processing speed-up)
+python -m pip install -q setuptools wheel
+SAM2_BUILD_CUDA=0 python -m pip install -q --no-build-isolation "sam2>=1.0"
 python -m pip install -q -e ".[dev${EXTRAS:+,$EXTRAS}]"
 echo "resclip installed in $(pwd)/.venv"

@@ -76,3 +76,13 @@ def assert_mask_at_stable_pixels(mask: np.ndarray, want: np.ndarray, unstable: n
     stable = np.ones(want.size, dtype=bool)
     stable[unstable] = False
     np.testing.assert_array_equal(np.asarray(mask).reshape(-1)[stable], want.reshape(-1)[stable])
+
+
+def hub_pattern(h: int, w: int) -> torch.Tensor:
+    """The ``(1, 3, h, w)`` float32 smooth image the hub DINO reference (``aux/dino_hub_reference.npz``)
+    was recorded on."""
+    ys = torch.arange(h, dtype=torch.float64)[:, None]
+    xs = torch.arange(w, dtype=torch.float64)[None, :]
+    chans = [torch.sin(0.05 * ys + 0.031 * xs + 0.5 * c) + 0.5 * torch.cos(0.013 * ys * (c + 1) - 0.07 * xs)
+             for c in range(3)]
+    return torch.stack(chans)[None].float()

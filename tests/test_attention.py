@@ -77,6 +77,6 @@ def test_method_residual_flags_and_bias():
 
 def test_unknown_method_lists_valid_ones():
     names = ", ".join(sorted(list_methods()))
-    assert names.startswith("clearclip, clip, cliper, maskclip, naclip")
+    assert names.startswith("clearclip, clip, cliper, corrclip, maskclip, naclip")
     with pytest.raises(ValueError, match=f"valid methods: {re.escape(names)}$"):
         get_method("gem")

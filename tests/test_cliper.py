@@ -13,7 +13,15 @@ import pytest
 import torch
 
 import resclip
-from parity import LOGIT, TOK, assert_mask_at_stable_pixels, load_golden, load_manifest, within
+from parity import (
+    LOGIT,
+    TOK,
+    assert_mask_at_stable_pixels,
+    golden_segmenter,
+    load_golden,
+    load_manifest,
+    within,
+)
 from resclip import cliper_protocol as cp
 from resclip.cli import main
 from resclip.engine import DenseEngine, WindowTrace
@@ -285,3 +293,84 @@ def test_low_precision_runs(tiny_ckpt, photo, precision):
     low = resclip.create_segmenter(method="cliper", precision=precision, **kw).predict(
         photo, ["sky, wall", "cat", "tree"])
     assert np.isfinite(low.probs).all() and np.abs(low.probs - ref.probs).mean() < 0.05
+
+
+# ---------------------------------------------------------------- the pipeline behind Segmenter / eval
+# one recorded run per family through resclip.create_segmenter(preset="cliper/<family>")
+FAMILY_RUNS = [k for k in _full_keys() if k.endswith("__imgC") and "_b32" not in k and "l14" not in k]
+FAMILY_RUNS.append("full__cityscapes__imgA")  # the one cityscapes run (short side 560)
+
+
+@pytest.mark.parametrize("key", FAMILY_RUNS)
+def test_presets_run_the_release_pipeline(golden, cl, cl_manifest, golden_ckpt_b16, monkeypatch, key):
+    cfg = cl_manifest["runs"][key]
+    family = cfg["family"]
+    seg = golden_segmenter("cliper", golden_ckpt_b16, preset=f"cliper/{family}")
+    proto = seg.protocol.cliper
+    want_proto = replace(_protocol(cfg), background=proto.background, background_words=proto.background_words,
+                         templates=proto.templates, slide_stride=112)
+    assert proto == want_proto  # the preset holds the release's config for the family
+    fg, bg = _text(cl, cfg["cls"])
+    names = [f"c{i}" for i in range(fg.shape[0])]
+    if proto.background:  # class 0's synonyms are the background words
+        lines = [", ".join(f"bg{i}" for i in range(bg.shape[0])), *names]
+        emb = torch.cat([bg, fg])
+    else:
+        monkeypatch.setattr(seg, "background_embeddings", lambda words: bg)
+        lines, emb = names, fg
+    out = seg.predict(golden[f"img{cfg['image']}__raw_rgb"], lines, embeddings=emb)
+    want = cl[f"{key}__labels"].astype(np.int64)
+    if not proto.background:  # release label 0 = left to the background: no class here
+        want = np.where(want == 0, 255, want - 1)
+    assert_mask_at_stable_pixels(out.mask.astype(np.int64), want, cl[f"{key}__unstable_idx"])
+    assert out.probs.shape == (len(lines), *want.shape) and np.isfinite(out.probs).all()
+    conf = out.confidence()
+    assert conf.shape == want.shape and (conf[out.mask != 255] > 0).all()
+
+
+def test_synonyms_take_the_max_of_their_maps(golden, cl, visuals):
+    fg, bg = _text(cl, "voclike")
+    rgb = golden["imgA__raw_rgb"]
+    proto = cp.CLIPerProtocol(attention_thr=0.2, score_thr=0.0, bkg_thr=0.001)
+    one = cp.predict(visuals["b16"], _method(), rgb, fg[:3], bg, proto)
+    # class 1 gets a second query: its map is the max of both rows after the softmax
+    two = cp.predict(visuals["b16"], _method(), rgb, torch.cat([fg[:3], fg[3:4]]), bg, proto,
+                     fg_to_class=torch.tensor([0, 1, 2, 1]))
+    assert two.patch.seg.shape == one.patch.seg.shape
+    assert not torch.equal(two.patch.seg, one.patch.seg)
+
+
+def test_pipeline_presets_refuse_what_does_not_apply(golden_ckpt_b16, golden):
+    with pytest.raises(ValueError, match=r"^preset .cliper/voc21. runs CLIPer.s own all-layer pipeline, "
+                                         r"where RCS and SFR have no last block"):
+        golden_segmenter("cliper", golden_ckpt_b16, preset="cliper/voc21", rcs=True)
+    with pytest.raises(ValueError, match=r"^preset 'cliper/ade20k' runs CLIPer's own all-layer pipeline, "
+                                         r"which needs method='cliper'"):
+        golden_segmenter("naclip", golden_ckpt_b16, preset="cliper/ade20k")
+    with pytest.raises(ValueError, match="has its own refinement"):
+        replace(resclip.get_preset("cliper/voc21").protocol, pamr_steps=10)
+    seg = golden_segmenter("cliper", golden_ckpt_b16, preset="cliper/voc21")
+    with pytest.raises(ValueError, match="needs at least one more class"), pytest.warns(UserWarning):
+        seg.predict(golden["imgA__raw_rgb"], ["sky, wall"], embeddings=torch.randn(2, 64))
+    with pytest.raises(ValueError, match="templates must be one of openai, cliper"):
+        cp.CLIPerProtocol(templates="mine")
+    assert seg.templates == cp.CLIPER_TEMPLATES and len(seg.templates) == 15
+
+
+@pytest.mark.slow
+def test_eval_with_the_release_pipeline_counts_unassigned_pixels(golden_ckpt_b16, tmp_path, capsys):
+    """`resclip eval --preset cliper/ade20k`: pixels CLIPer leaves to its background word get no
+    class and count as misses of their true class (as the release scores them)."""
+    import json
+
+    out = tmp_path / "r.json"
+    code = main(["eval", "--dataset", "ade20k", "--root", str(BENCH / "ADEChallengeData2016"),
+                 "--method", "cliper", "--preset", "cliper/ade20k", "--no-rcs", "--no-sfr",
+                 "--pretrained", str(golden_ckpt_b16), "--device", "cpu", "--limit", "2",
+                 "--output", str(out), "--state-dir", str(tmp_path / "state")])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    cm = np.array(res["confusion_matrix"])
+    missed = np.array(res.get("unassigned_pixels", [0] * len(cm)))
+    assert cm.shape == (150, 150) and missed.shape == (150,) and missed.sum() > 0
+    assert "preset cliper/ade20k" in capsys.readouterr().out

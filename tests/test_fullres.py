@@ -47,6 +47,7 @@ CASES: dict[str, dict[str, Any]] = {
     "prob-thd": {"prob_thd": 0.02},
     "area-thd": {"area_thd": 0.05, "prob_thd": 0.01},
     "pamr": {"pamr_steps": 2, "pamr_dilations": (1, 2), "prob_thd": 0.01},
+    "padded-windows": {"window_multiple": 56},  # 64-pixel windows padded to 112
 }
 
 
@@ -140,3 +141,31 @@ def test_many_classes_memory_is_bounded(tiny_ckpt):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["classes"] > 1
     assert result["growth_mb"] < 700, result
+
+
+def test_padded_windows_by_hand(tiny_ckpt):
+    """``window_multiple``: each window is zero-padded (centred) to the multiple, its logits are
+    upsampled to the padded size and the padding cut off, as ProxyCLIP's release does."""
+    import torch.nn.functional as F
+
+    from resclip.preprocess import window_coords, window_padding
+
+    seg = make(tiny_ckpt, window_multiple=40, slide_stride=24)
+    x = seg.resized_input(image(77, 101))
+    spec, text = seg.encode_classes([f"c{i}" for i in range(5)], embeddings(5))
+    q2c = torch.tensor(spec.query_to_class)
+    got = seg.image_logits(x, text, q2c)
+    h1, w1 = x.shape[-2:]
+    acc, count = torch.zeros(5, h1, w1), torch.zeros(1, h1, w1)
+    for y1, x1, y2, x2 in window_coords(h1, w1, 64, 24):
+        assert window_padding(y2 - y1, x2 - x1, 40) == (8, 8, 8, 8)
+        crop = F.pad(x[:, :, y1:y2, x1:x2], (8, 8, 8, 8))
+        up = F.interpolate(seg.engine.window_logits(crop, text, q2c), size=(80, 80), mode="bilinear",
+                           align_corners=False)
+        acc[:, y1:y2, x1:x2] += up[0, :, 8:72, 8:72]
+        count[:, y1:y2, x1:x2] += 1
+    torch.testing.assert_close(got, acc / count, rtol=0, atol=1e-6)
+    unpadded = make(tiny_ckpt, slide_stride=24).image_logits(x, text, q2c)
+    assert (got - unpadded).abs().max() > 1e-3  # the padding really reaches the network
+    with pytest.raises(ValueError, match=r"window_multiple must be >= 0 \(0 = no padding\), got -1"):
+        make(tiny_ckpt, window_multiple=-1)

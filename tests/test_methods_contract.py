@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import resclip
+from parity import GOLDEN
+from resclip.auxiliary import AUX_KINDS, load_aux
 from resclip.engine import DenseEngine, WindowTrace
 from resclip.methods import get_method
 from resclip.rcs import RCSConfig
@@ -21,11 +23,42 @@ SMALL = {"short_side": 96, "slide_crop": 64, "slide_stride": 32, "rcs_layers": (
 
 
 
+# an auxiliary model of every kind a method may declare; DINO with patch 16 as the tiny CLIP, so that
+# the methods whose stage runs on the DINO grid (ProxyCLIP) compose with RCS and SFR
+AUX_PRETRAINED = {"dino": GOLDEN / "aux" / "dino_vitb16_tiny_fp16.pth",
+                  "sam": GOLDEN / "aux" / "sam_vit_tiny_fp16.pth"}
+
+
+# CorrCLIP's regions come from SAM 2's automatic mask generator
+AUX_BY_METHOD = {"corrclip": {"sam": GOLDEN / "aux" / "sam2_hiera_tiny_fp16.pt"}}
+
+
+def _aux(method):
+    return {kind: AUX_BY_METHOD.get(method, {}).get(kind, AUX_PRETRAINED[kind])
+            for kind in get_method(method).required_aux()}
+
+
+def _own_grid(method):
+    """A last stage on a grid other than the tiny CLIP's 16-pixel one (ProxyCLIP with SAM): RCS and SFR,
+    which mix attention on the CLIP grid, are refused with one line."""
+    base = get_method(method)
+    aux = {kind: load_aux(kind, source) for kind, source in _aux(method).items()}
+    return base.replaces_last_block and base.out_patch(16, aux) != 16
+
+
+# CorrCLIP's branches read blocks 3..L-2: the 4-block tiny tower is too shallow, the golden one has 12
+CKPT_BY_METHOD = {"corrclip": GOLDEN / "tiny_clip_b16_fp16.pt"}
+
+
 def _seg(ckpt, method, rcs, sfr, **kw):
     settings = {**SMALL, **kw}
-    return resclip.create_segmenter(
-        method=method, rcs=rcs, sfr=sfr, preset="ade20k", pretrained=str(ckpt), text_cache=False, **settings
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*custom ViT")  # the golden checkpoint's architecture
+        return resclip.create_segmenter(
+            method=method, rcs=rcs, sfr=sfr, preset="ade20k",
+            pretrained=str(CKPT_BY_METHOD.get(method, ckpt)), text_cache=False, aux_pretrained=_aux(method),
+            **settings
+        )
 
 
 COMBOS = list(itertools.product(resclip.list_methods(), [False, True], [False, True]))
@@ -35,6 +68,10 @@ SCORED = [m for m in resclip.list_methods() if get_method(m).has_scores]
 
 @pytest.mark.parametrize(("method", "rcs", "sfr"), COMBOS)
 def test_contract(tiny_ckpt, photo, method, rcs, sfr):
+    if (rcs or sfr) and _own_grid(method):
+        with pytest.raises(ValueError, match="RCS and SFR mix the CLIP's 16-pixel grid"):
+            _seg(tiny_ckpt, method, rcs, sfr)
+        return
     if sfr and method not in SCORED:
         with pytest.raises(ValueError, match="identity attention"):
             _seg(tiny_ckpt, method, rcs, sfr)
@@ -52,7 +89,8 @@ def test_contract(tiny_ckpt, photo, method, rcs, sfr):
 
 
 # SFR on a method without scores is rejected; test_contract checks the message
-MODULE_CASES = [(m, "rcs") for m in resclip.list_methods()] + [(m, "sfr") for m in SCORED]
+MODULE_CASES = [(m, "rcs") for m in resclip.list_methods() if not _own_grid(m)] + [
+    (m, "sfr") for m in SCORED if not _own_grid(m)]
 
 
 @pytest.mark.parametrize(("method", "module"), MODULE_CASES)
@@ -63,7 +101,8 @@ def test_each_module_really_changes_the_output(tiny_ckpt, photo, method, module)
 
 
 def _engine_logits(model_visual, method, rcs=None, sfr=None, x=None, text=None):
-    eng = DenseEngine(model_visual, get_method(method), rcs, sfr)
+    aux = {kind: load_aux(kind, source) for kind, source in _aux(method).items()}
+    eng = DenseEngine(model_visual, get_method(method), rcs, sfr, aux=aux)
     q2c = torch.tensor([0, 0, 1, 2, 2, 2, 3])
     trace = WindowTrace()
     return eng.window_logits(x, text, q2c, trace), trace
@@ -84,7 +123,11 @@ def window_inputs():
     return torch.randn(2, 3, 64, 80), torch.nn.functional.normalize(torch.randn(7, 32), dim=-1)
 
 
-@pytest.mark.parametrize("method", resclip.list_methods())
+# the engine-level checks run on the 4-block tiny tower (CorrCLIP's are in tests/test_corrclip.py)
+ENGINE_METHODS = [m for m in resclip.list_methods() if not _own_grid(m) and m not in CKPT_BY_METHOD]
+
+
+@pytest.mark.parametrize("method", ENGINE_METHODS)
 def test_rcs_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, method):
     x, text = window_inputs
     base, _ = _engine_logits(tiny_visual, method, x=x, text=text)
@@ -94,7 +137,7 @@ def test_rcs_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, met
     assert torch.equal(base, zero)
 
 
-@pytest.mark.parametrize("method", SCORED)
+@pytest.mark.parametrize("method", [m for m in SCORED if m in ENGINE_METHODS])
 @pytest.mark.parametrize("official", [False, True])
 def test_sfr_with_lambda_zero_is_the_base_method(tiny_visual, window_inputs, method, official):
     x, text = window_inputs
@@ -175,8 +218,10 @@ def test_registry_entry_is_consistent(method):
     assert base.name == method and get_method(f" {method.upper()} ") is base and base.description
     q = torch.randn(1, 2, 5, 8)
     terms = base.score_terms(q, q)
-    assert base.has_scores == bool(terms)
+    # a stage of its own may have scores that are no function of q, k alone (ProxyCLIP's proxy scores)
+    assert base.has_scores == bool(terms) or base.replaces_last_block
     assert all(t.shape == (1, 2, 5, 5) and t.dtype == torch.float32 for t in terms)
+    assert set(base.required_aux()) <= set(AUX_KINDS) and set(base.required_aux()) <= set(AUX_PRETRAINED)
 
 
 def test_registering_a_name_twice_is_refused():
@@ -192,7 +237,7 @@ def test_registering_a_name_twice_is_refused():
 
 # the methods that bring their own stages, each under its own repository preset (PEARL's adds TLP)
 STAGE_PRESETS = {"sc_clip": "sc_clip/ade20k", "sfp": "sfp/ade20k", "pearl": "pearl/ade20k",
-                 "cliper": "default"}
+                 "cliper": "default", "proxyclip": "default"}
 
 
 @pytest.mark.parametrize("method", list(STAGE_PRESETS))
@@ -202,7 +247,8 @@ def test_stage_methods_compose_with_every_module(tiny_ckpt, photo, method, rcs, 
     """RCS and SFR change a stage method's logits; PAMR (and TLP) act after them."""
     def seg(r: bool, s: bool, p: int) -> resclip.Segmenter:
         return resclip.create_segmenter(method=method, rcs=r, sfr=s, preset=STAGE_PRESETS[method],
-                                        pretrained=str(tiny_ckpt), text_cache=False, pamr_steps=p, **SMALL)
+                                        pretrained=str(tiny_ckpt), text_cache=False, pamr_steps=p,
+                                        aux_pretrained=_aux(method), **SMALL)
 
     base = seg(False, False, 0).predict(photo, CLASSES)
     res = seg(rcs, sfr, pamr).predict(photo, CLASSES)

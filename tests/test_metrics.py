@@ -16,10 +16,12 @@ from resclip.metrics import (
     ConfusionMatrix,
     compute_metrics,
     confusion_matrix,
+    densify,
     format_table,
     markdown_table,
     percent,
     sparse_confusion,
+    unassigned_counts,
 )
 
 BENCH = Path(__file__).parent / "data" / "benchmarks"
@@ -160,3 +162,22 @@ def test_docstring_examples():
     import resclip.metrics
 
     assert doctest.testmod(resclip.metrics).failed == 0
+
+
+def test_unassigned_predictions_are_misses_of_their_true_class():
+    gt = np.array([[0, 0, 1, 1], [1, 1, 255, 0]])
+    pred = np.array([[0, 255, 1, 255], [1, 0, 255, 255]])
+    idx, counts = sparse_confusion(pred, gt, 2)
+    # (gt 0, pred 0), (gt 1, pred 0), (gt 1, pred 1), then unassigned (4 + gt): class 0 twice, class 1 once
+    assert idx.tolist() == [0, 2, 3, 4, 5] and counts.tolist() == [1, 1, 2, 2, 1]
+    cm = ConfusionMatrix(2)
+    cm.update(pred, gt)
+    assert cm.matrix.tolist() == [[1, 0], [1, 2]] and cm.unassigned.tolist() == [2, 1]
+    assert cm.stacked().tolist() == [[1, 0, 2], [1, 2, 1]]
+    m = cm.compute()
+    # class 0: I = 1, gt = 3 (two unassigned), pred = 2 -> 1 / 4; class 1: I = 2, gt 4, pred 2 -> 2 / 4
+    assert m.iou.tolist() == [0.25, 0.5] and m.num_pixels == 7
+    assert densify(idx, counts, 2).tolist() == [[1, 0], [1, 2]]
+    assert unassigned_counts(idx, counts, 2).tolist() == [2, 1]
+    with pytest.raises(ValueError, match=r"prediction has values outside 0\.\.1 \(and 255 = none\)"):
+        sparse_confusion(np.array([[3]]), np.array([[0]]), 2)

@@ -1,4 +1,4 @@
-"""The other methods' main results tables in :mod:`resclip.paper_tables` (ids sc_clip, pearl, cliper)."""
+"""The other methods' main results tables in :mod:`resclip.paper_tables` (ids sc_clip, sfp, pearl, cliper)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from resclip.paper_tables import (
 )
 from resclip.presets import list_presets
 
-NEW_IDS = ["sc_clip", "pearl", "cliper"]
+NEW_IDS = ["sc_clip", "sfp", "pearl", "cliper"]
 # rows whose printed mean disagrees with their printed cells in the paper itself (kept as printed)
 PRINTED_INCONSISTENT = {("pearl", "CLIPtrase")}
 
@@ -35,8 +35,8 @@ def test_new_tables_exist_and_old_ids_still_work() -> None:
     for tid in ("1", "2", "3", "4", "A1", "A2"):
         assert get_table(tid) is TABLES[tid]
     assert get_table("a2").id == "A2" and get_table("table a1").id == "A1"
-    with pytest.raises(ValueError, match=r"unknown table 'sfp'.*sc_clip, pearl, cliper"):
-        get_table("sfp")  # SFP's own per-dataset numbers were not found (see the module docstring)
+    with pytest.raises(ValueError, match=r"unknown table 'sfpp'.*sc_clip, sfp, pearl, cliper"):
+        get_table("sfpp")
 
 
 @pytest.mark.parametrize("tid", NEW_IDS)
@@ -64,8 +64,11 @@ def test_printed_means_of_the_methods() -> None:
     cliper = {(r.label, r.backbone): r for r in get_table("cliper").rows}
     for bb, mean in (("B/16", 41.9), ("L/14", 44.0)):
         row = cliper[("CLIPer w/o FGC", bb)]
-        assert row.method is None and row.paper[-1] is None  # not run until CLIPer's protocol is wired
+        assert row.method is None and row.paper[-1] is None  # listed: the presets hold one window setting
         assert round(sum(v for v in row.paper[:-1] if v is not None) / 8, 1) == mean
+    configs = cliper[("CLIPer w/o FGC (configs)", "B/16")]  # what the cliper/<dataset> presets run
+    assert (configs.method, configs.family, configs.rcs, configs.sfr) == ("cliper", "cliper", False, False)
+    assert configs.paper[:-1] == (62.1, 35.7, 37.5, 84.3, 39.6, 25.4, 35.9, 19.8)
 
 
 def test_rows_map_to_registered_methods_and_presets() -> None:
@@ -83,7 +86,12 @@ def test_rows_map_to_registered_methods_and_presets() -> None:
             assert row.family == "resclip" or row.family in families, (table.id, row.label)
             for ds in ALL_EIGHT:
                 assert row.preset(ds) in presets, (table.id, row.label, ds)
-    assert runnable == 2 + 7
+    assert runnable == 2 + 3 + 7 + 1  # SC-CLIP B/16 + L/14, SFP B/16, B/32, L/14, seven PEARL, CLIPer configs
+    sfp = {r.backbone: r for r in get_table("sfp").rows}
+    assert sfp["B/16"].paper == (63.9, 37.2, 37.9, 84.5, 39.9, 26.4, 41.1, 20.8, 44.0)
+    assert round(sum(sfp["B/16"].paper[:-1]) / 8, 1) == 44.0  # type: ignore[arg-type]
+    assert sfp["L/14"].paper[0] == 64.7 and sfp["L/14"].paper[-1] is None  # Table 4: V21 / ADE only
+    assert sfp["B/32"].preset("ade20k") == "sfp/ade20k"
     own = {
         t: [r for r in METHOD_TABLES[t].rows if r.method == m]
         for t, m in (("sc_clip", "sc_clip"), ("pearl", "pearl"))

@@ -101,3 +101,12 @@ def test_bad_inputs(tmp_path):
         load_image(np.zeros((0, 4, 3), dtype=np.uint8))
     with pytest.raises(TypeError, match="must be a path"):
         load_image(42)  # type: ignore[arg-type]
+
+
+def test_window_padding_is_centred_with_the_smaller_half_first():
+    from resclip.preprocess import window_padding
+
+    assert window_padding(336, 336, 56) == (0, 0, 0, 0)
+    assert window_padding(300, 250, 56) == (15, 15, 18, 18)  # 250 -> 280, 300 -> 336
+    assert window_padding(57, 55, 56) == (0, 1, 27, 28)
+    assert window_padding(57, 55, 0) == window_padding(57, 55, 1) == (0, 0, 0, 0)

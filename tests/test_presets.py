@@ -67,11 +67,12 @@ def test_paper_presets_and_fidelity_switch():
 
 def test_list_and_unknown():
     names = list_presets()
-    assert "default" in names and "voc21" in names and "clearclip/ade20k" in names and len(names) == 9 * 8 + 1
-    assert "pearl/cityscapes" in names
+    assert "default" in names and "voc21" in names and "clearclip/ade20k" in names
+    assert len(names) == 13 * 8 + 1  # 13 families of the eight datasets, and default
+    assert "pearl/cityscapes" in names and "cliper/coco_stuff" in names
     with pytest.raises(ValueError, match="unknown preset 'voc22'; valid: 'default', a dataset"):
         get_preset("voc22")
-    with pytest.raises(ValueError, match="sc_clip, sfp, pearl"):
+    with pytest.raises(ValueError, match="sc_clip, sfp, pearl, cliper, proxyclip, trident, corrclip"):
         get_preset("pearl/voc22")
 
 
@@ -107,4 +108,35 @@ def test_list_presets_verbose_shows_every_setting(capsys):
     block = out[out.index("pearl/ade20k:"):out.index("pearl/cityscapes:")]
     assert "short_side=336" in block and "slide_crop=224" in block and "pearl: alpha_kk=0.3" in block
     assert "tlp: grid=80" in block and "fidelity=official" in block
-    assert out.count("\n    protocol: ") == len(list_presets())
+    pipelines = sum(name.startswith("cliper/") for name in list_presets())
+    assert out.count("\n    protocol: ") == len(list_presets()) - pipelines == 97
+    assert out.count("\n    cliper pipeline: ") == pipelines == 8
+
+
+def test_cliper_presets_hold_the_release_configs():
+    v21, v20, city = get_preset("cliper/voc21").protocol.cliper, get_preset("cliper/voc20").protocol.cliper, \
+        get_preset("cliper/cityscapes").protocol.cliper
+    assert v21 is not None and v20 is not None and city is not None
+    assert (v21.slide_crop, v21.logit_scale, v21.score_thr, v21.bkg_thr, v21.normalise, v21.background) == (
+        336, 100.0, 0.7, 0.6, True, True)
+    # VOC-20 is VOC with background ignored: VOC's background words, unassigned pixels are misses
+    assert not v20.background and v20.background_words[:3] == ("sky", "wall", "tree") and v20.bkg_thr == 0.001
+    assert (city.short_side, city.attention_thr, city.templates, city.background_words) == (
+        560, 0.35, "openai", ("background",))
+    lines = get_preset("cliper/voc21").settings_lines()
+    assert lines[0].startswith("cliper pipeline: short_side=336 slide_crop=336") and len(lines) == 2
+
+
+def test_foundation_model_presets_hold_the_release_configs():
+    px, cc = get_preset("proxyclip/ade20k").protocol, get_preset("corrclip/cityscapes").protocol
+    got = (px.short_side, px.slide_crop, px.slide_stride, px.logit_scale, px.window_multiple)
+    assert got == (448, 336, 112, 40.0, 56)
+    assert not px.region_vote and get_preset("proxyclip/voc21").protocol.prob_thd == 0.2
+    assert (cc.short_side, cc.slide_crop, cc.window_multiple, cc.region_vote) == (448, 224, 56, True)
+    assert get_preset("corrclip/cityscapes").trunk_attention == "explicit"
+    assert get_preset("corrclip/voc21").class_file == "corrclip_voc21.txt"
+    assert get_preset("proxyclip/coco_object").class_file == "proxyclip_coco_object.txt"
+    assert get_preset("proxyclip/ade20k").class_file is None  # the release's file equals resclip's
+    for name in ("proxyclip/voc21", "corrclip/ade20k", "trident/context60"):
+        path = get_preset(name).class_file_path()
+        assert path is None or path.exists()

@@ -246,7 +246,7 @@ def test_predict_batch_shares_window_batches_across_images(tiny_ckpt, monkeypatc
     sizes = []
     real = seg.engine.window_logits
     monkeypatch.setattr(seg.engine, "window_logits",
-                        lambda x, *a: sizes.append(tuple(x.shape)) or real(x, *a))
+                        lambda x, *a, **kw: sizes.append(tuple(x.shape)) or real(x, *a, **kw))
     results = seg.predict_batch(images, ["cat", "dog", "sky"])
     batched = list(sizes)
     assert max(s[0] for s in batched) == 4 and any(s[0] == 4 for s in batched)

@@ -243,3 +243,39 @@ def _state_diff(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.
         if items:
             parts.append(f"{len(items)} {label}, e.g. {'; '.join(items[:3])}")
     return ". ".join(parts)
+
+
+def read_weights_file(path: Path, what: str, expected: str = "") -> Mapping[str, Any]:
+    """A ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` file of another model's weights (``what``:
+    ``"DINO"``, ``"SAM"``), tensors and plain containers only (nothing in it runs).
+
+    Raises:
+        ValueError: one line naming the file and what is wrong with it (``expected``: the files that
+            would do).
+    """
+    import pickle
+
+    hint = f"; expected {expected}" if expected else ""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = _torch_load(path)
+    except pickle.UnpicklingError as exc:
+        found = _GLOBAL.search(str(exc))
+        if found is not None:
+            raise ValueError(
+                f"refusing to read the {what} checkpoint {str(path)!r}: besides tensors it holds Python "
+                f"objects ({found.group(1)}), and unpickling those could run code; resclip reads weights "
+                "only: save the model's state dict instead") from None
+        raise ValueError(f"could not read the {what} checkpoint {str(path)!r} (UnpicklingError: not a file "
+                         f"torch.save wrote){hint}") from None
+    except Exception as exc:
+        raise ValueError(
+            f"could not read the {what} checkpoint {str(path)!r} ({_brief(exc)}){hint}") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"the {what} checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict"
+                         f"{hint}")
+    return obj

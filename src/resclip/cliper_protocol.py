@@ -38,6 +38,18 @@ MEAN01 = (0.48145466, 0.4578275, 0.40821073)
 STD01 = (0.26862954, 0.26130258, 0.27577711)
 
 
+#: the release's ``template/car_template.txt`` (most B/16 configs use it instead of the 80 ImageNet ones)
+CLIPER_TEMPLATES: tuple[str, ...] = (
+    "a clean origami {}.", "a photo of a {}.", "This is a photo of a {}", "There is a {} in the scene",
+    "There is the {} in the scene", "a photo of a {} in the scene", "a photo of a small {}.",
+    "a photo of a medium {}.", "a photo of a large {}.", "This is a photo of a small {}.",
+    "This is a photo of a medium {}.", "This is a photo of a large {}.",
+    "There is a small {} in the scene.", "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+TEMPLATE_SETS = ("openai", "cliper")
+
+
 @dataclass(frozen=True)
 class CLIPerProtocol:
     """CLIPer's per-dataset inference settings (its ``scripts/config`` files).
@@ -53,6 +65,14 @@ class CLIPerProtocol:
         bkg_thr: pixels whose (normalised) map value is below it for every kept class become
             background (0); 0 selects the release's other rule (background = ``(1 - max)^2``).
         normalise: min-max normalise each class map before ``bkg_thr``.
+        background: with :class:`resclip.Segmenter`: class 0 of the class list is CLIPer's
+            background, its synonyms are the background words, and label ``c`` is class ``c``
+            (the release's VOC / Context-60 / COCO-Object files); False: every class is a
+            foreground class, the background words are ``background_words`` and a pixel left to
+            the background gets no class (255; a miss for its true class, as the release counts it).
+        background_words: the background queries when ``background`` is False.
+        templates: prompt templates of the text queries: ``"openai"`` (the 80 ImageNet ones) or
+            ``"cliper"`` (the release's 15 ``car_template.txt`` phrases, :data:`CLIPER_TEMPLATES`).
     """
 
     short_side: int = 336
@@ -63,8 +83,15 @@ class CLIPerProtocol:
     score_thr: float = 0.3
     bkg_thr: float = 0.3
     normalise: bool = False
+    background: bool = True
+    background_words: tuple[str, ...] = ("background",)
+    templates: str = "openai"
 
     def __post_init__(self) -> None:
+        if self.templates not in TEMPLATE_SETS:
+            raise ValueError(f"templates must be one of {', '.join(TEMPLATE_SETS)}, got {self.templates!r}")
+        if not self.background and not self.background_words:
+            raise ValueError("background=False needs at least one background word (background_words)")
         for name in ("short_side", "slide_crop", "slide_stride"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
@@ -274,10 +301,14 @@ def segment_maps(
     fg: torch.Tensor,
     bg: torch.Tensor,
     protocol: CLIPerProtocol,
+    fg_to_class: torch.Tensor | None = None,
 ) -> CLIPerMaps:
     """CLIPer's class maps on one resized, normalised ``(1, 3, H, W)`` image.
 
-    ``fg`` ``(C, D)``: foreground class embeddings; ``bg`` ``(N_bg, D)``: background word embeddings.
+    ``fg`` ``(Q_fg, D)``: foreground query embeddings; ``bg`` ``(N_bg, D)``: background word
+    embeddings; ``fg_to_class`` ``(Q_fg,)`` int64: the class of each foreground query when a class
+    has synonyms (its map is the max of their probabilities, taken right after the softmax; the
+    release has one query per class), None = one query per class.
     """
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"cliper: expected one (1, 3, H, W) image, got {tuple(image.shape)}")
@@ -290,6 +321,10 @@ def segment_maps(
         sl, windows = slide_logits(visual, method, image, text, protocol.slide_crop, protocol.slide_stride,
                                    protocol.logit_scale)
         seg = sl.softmax(-3)[:, :n_fg] * 0.5 + seg * 0.5
+    if fg_to_class is not None:
+        from .protocol import class_max  # protocol.py imports this module
+
+        seg = class_max(seg, fg_to_class.to(seg.device), dim=1)
     sel = seg[method.layer_index(seg.shape[0])]
     if not method.threshold_in_place:
         sel = sel.clone()
@@ -346,14 +381,17 @@ class CLIPerResult:
 
 
 def predict(
-    visual: Any, method: CLIPer, rgb: np.ndarray, fg: torch.Tensor, bg: torch.Tensor, protocol: CLIPerProtocol
+    visual: Any, method: CLIPer, rgb: np.ndarray, fg: torch.Tensor, bg: torch.Tensor,
+    protocol: CLIPerProtocol,
+    fg_to_class: torch.Tensor | None = None,
 ) -> CLIPerResult:
-    """CLIPer's whole protocol on one ``(H0, W0, 3)`` uint8 RGB image."""
+    """CLIPer's whole protocol on one ``(H0, W0, 3)`` uint8 RGB image (``fg_to_class``: see
+    :func:`segment_maps`)."""
     x = to_input(resize_image(rgb, protocol.short_side, patch_size(visual)))
     param = next(iter(visual.parameters()), None)
     if param is not None:
         x = x.to(param.device)
-    out = segment_maps(visual, method, x, fg, bg, protocol)
+    out = segment_maps(visual, method, x, fg, bg, protocol, fg_to_class)
     maps = image_maps(out.seg, out.score, rgb.shape[:2])
     cam, labels = labels_from_maps(maps, out.score, protocol)
     return CLIPerResult(labels=labels.cpu().numpy(), cam=cam, maps=maps, patch=out)

@@ -122,6 +122,7 @@ class DemoSettings:
     fidelity: str | None = None
     window_batch: int = 8
     overrides: tuple[tuple[str, Any], ...] = field(default=())
+    aux_pretrained: tuple[tuple[str, str], ...] = field(default=())  # (kind, source), e.g. DINO for ProxyCLIP
     method: str = "naclip"
     rcs: bool = True
     sfr: bool = True
@@ -218,7 +219,8 @@ def load_base(settings: DemoSettings) -> Segmenter:
     return create_segmenter(
         method="naclip", rcs=True, sfr=True, preset=settings.preset, model=settings.model,
         pretrained=settings.pretrained, device=settings.device, precision=settings.precision,
-        fidelity=cast(Any, settings.fidelity), window_batch=settings.window_batch, **dict(settings.overrides),
+        fidelity=cast(Any, settings.fidelity), window_batch=settings.window_batch,
+        aux_pretrained=dict(settings.aux_pretrained), **dict(settings.overrides),
     )
 
 

@@ -15,6 +15,12 @@ Sources :func:`load_dino` takes:
 
 The model is timm's ``VisionTransformer`` with ``dynamic_img_size=True`` (any input size that is a
 multiple of the patch), in eval mode with gradients off.
+
+Position embeddings for an input other than the training size (224): timm resizes them to the
+token grid with antialiased bicubic interpolation; facebookresearch's torch.hub DINO code (what the
+releases ProxyCLIP, Trident and CorrCLIP run) resizes by a scale factor of ``(grid + 0.1) / side``
+with plain bicubic, which gives different values. ``load_dino(..., pos_embed="hub")`` uses the hub's
+scheme (:func:`hub_pos_embed`) for release parity; the default ``"timm"`` keeps timm's.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,10 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoints import _brief, _torch_load, _unpickling_message
+from .attention import interpolate_pos_embed
+from .checkpoints import read_weights_file
 from .clip import resolve_device, resolve_precision
 
-__all__ = ["HUB_NAMES", "DinoInfo", "dino_architecture", "load_dino"]
+__all__ = ["HUB_NAMES", "POS_EMBED_MODES", "DinoInfo", "dino_architecture", "hub_pos_embed", "load_dino",
+           "use_hub_pos_embed"]
 
 #: facebookresearch torch.hub names -> timm names with their weights tags
 HUB_NAMES = {
@@ -45,6 +54,8 @@ HUB_NAMES = {
     "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
     "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
 }
+#: how a loaded model resizes its position embeddings to another token grid (see the module doc)
+POS_EMBED_MODES = ("timm", "hub")
 _SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 _NESTS = ("teacher", "student", "model", "state_dict")
 _PREFIXES = ("module.", "backbone.")
@@ -55,27 +66,8 @@ class DinoInfo(dict[str, Any]):
 
 
 def _read(path: Path) -> Mapping[str, Any]:
-    """A checkpoint's content, tensors and plain containers only (nothing in it runs).
-
-    Raises:
-        ValueError: one line naming the file and what is wrong with it.
-    """
-    import pickle
-
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = _torch_load(path)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(_unpickling_message(path, exc)) from None
-    except Exception as exc:
-        raise ValueError(f"could not read the DINO checkpoint {str(path)!r} ({_brief(exc)})") from None
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"the DINO checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
-    return obj
+    """A DINO checkpoint's content (see :func:`resclip.checkpoints.read_weights_file`)."""
+    return read_weights_file(path, "DINO")
 
 
 def _unwrap(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -149,13 +141,62 @@ def _build(info: DinoInfo) -> nn.Module:
                              **common, **v2)
 
 
+def hub_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Position embeddings resized to a token grid the way facebookresearch's torch.hub DINO does it.
+
+    The patch positions, a ``side x side`` square, are resized by bicubic interpolation
+    (``align_corners=False``, no antialiasing) with the scale factors ``(rows + 0.1) / side`` and
+    ``(cols + 0.1) / side`` rather than to a target size: the output has ``rows x cols`` positions, but
+    the sampling points follow the offset scale, so values differ from timm's size-based resize. The
+    square grid is returned unchanged. This is :func:`resclip.attention.interpolate_pos_embed` (float32
+    inside, cast back; the hub code interpolates in the weights' dtype: the same in fp32) on a batch of one.
+
+    Args:
+        pos_embed: ``(1, 1 + side * side, C)``, the class token's position first.
+        grid: the token grid ``(rows, cols)`` of the input (image height and width over the patch).
+
+    Returns:
+        ``(1, 1 + rows * cols, C)``.
+    """
+    return interpolate_pos_embed(pos_embed[0], int(grid[0]), int(grid[1]))[None]
+
+
+def _hub_pos_embed_tokens(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """timm ``VisionTransformer._pos_embed`` with :func:`hub_pos_embed`: ``(B, H, W, C)`` patch tokens ->
+    ``(B, 1 + H * W, C)`` tokens with the class token first and positions added."""
+    batch, rows, cols, dim = x.shape
+    tokens = torch.cat((self.cls_token.expand(batch, -1, -1), x.reshape(batch, rows * cols, dim)), dim=1)
+    return self.pos_drop(tokens + hub_pos_embed(self.pos_embed, (rows, cols)))
+
+
+def use_hub_pos_embed(net: nn.Module) -> nn.Module:
+    """Make a timm ViT from :func:`load_dino` resize its position embeddings like the torch.hub DINO code.
+
+    Raises:
+        ValueError: a model without a class token whose position is in ``pos_embed``, or with register
+            tokens (the hub DINO layout is class token + patches).
+    """
+    if (getattr(net, "cls_token", None) is None or getattr(net, "reg_token", None) is not None
+            or getattr(net, "no_embed_class", True) or not getattr(net, "dynamic_img_size", False)):
+        raise ValueError("pos_embed='hub' needs a DINO ViT with a class token and no register tokens, "
+                         "loaded by resclip.dino.load_dino; use pos_embed='timm' for this model")
+    net._pos_embed = types.MethodType(_hub_pos_embed_tokens, net)  # type: ignore[assignment]
+    net.pos_embed_mode = "hub"  # type: ignore[assignment]
+    return net
+
+
 def load_dino(source: str | os.PathLike[str], *, device: str | torch.device = "cpu",
-              precision: str = "fp32") -> nn.Module:
+              precision: str = "fp32", pos_embed: str = "timm") -> nn.Module:
     """A DINO / DINOv2 ViT from a local checkpoint or a timm / torch.hub name (see the module doc).
+
+    Args:
+        pos_embed: ``"timm"`` (timm's resize of the position embeddings) or ``"hub"`` (the torch.hub
+            DINO code's, :func:`hub_pos_embed`; DINO v1 layout only), see the module doc.
 
     Returns:
         timm's ``VisionTransformer`` (no classifier head), eval mode, gradients off, on ``device``
-        in ``precision``; ``model.dino_info`` records the dimensions read from the file.
+        in ``precision``; ``model.dino_info`` records the dimensions read from the file,
+        ``model.pos_embed_mode`` the ``pos_embed`` choice.
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -163,6 +204,8 @@ def load_dino(source: str | os.PathLike[str], *, device: str | torch.device = "c
             read from it (one line naming the first differences).
         RuntimeError: a named model's weights could not be downloaded or found in the cache.
     """
+    if pos_embed not in POS_EMBED_MODES:
+        raise ValueError(f"pos_embed={pos_embed!r} is not one of {POS_EMBED_MODES}")
     dtype = resolve_precision(precision)
     target = resolve_device(device)
     text = os.fspath(source)
@@ -188,6 +231,10 @@ def load_dino(source: str | os.PathLike[str], *, device: str | torch.device = "c
         except Exception as err:  # any hub / network / cache error
             raise RuntimeError(f"could not load DINO {text!r} (timm {name!r}): {type(err).__name__}: {err}. "
                                "Offline, download the backbone's .pth once and pass its path") from err
+    if pos_embed == "hub":
+        use_hub_pos_embed(net)
+    else:
+        net.pos_embed_mode = "timm"  # type: ignore[assignment]
     net = net.to(device=target, dtype=dtype).eval()
     net.requires_grad_(False)
     return net

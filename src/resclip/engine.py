@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from .attention import identity_attention
+from .auxiliary import missing_aux_message
 from .methods import BaseAttention, StageContext
 from .rcs import RCSConfig, rcs_mix
 from .sfr import RefinementTrace, SFRConfig, patch_mode, pixel_labels, refinement_scores, sfr_mix
@@ -52,12 +55,14 @@ class WindowTrace:
         pre_last_block_x: ``(B, T, C)`` residual stream entering the last block.
         rcs_attn: ``(B, H, T, T)`` mean q-k attention of the RCS blocks; None without RCS.
         tokens: ``(B, T, D)`` projected output tokens, CLS first; ``(B, h*w, D)`` patch tokens
-            for a method whose last stage drops CLS (SC-CLIP).
+            for a method whose last stage drops CLS (SC-CLIP), on ``grid``.
         attn: ``(B, H, T, T)`` the last block's final attention; None for a method with its own
             last stage.
         sfr: SFR's first pass; None without SFR.
         blocks: the trunk block outputs the method asked for (``{0-based index: (B, T, C)}``).
         stages: named intermediates of a method's own last stage (see its module).
+        grid: ``(h, w)`` the grid of ``tokens`` and of the logits (a last stage may use its own,
+            e.g. ProxyCLIP's DINO grid).
     """
 
     pre_last_block_x: torch.Tensor | None = None
@@ -67,6 +72,7 @@ class WindowTrace:
     sfr: SFRTrace | None = None
     blocks: dict[int, torch.Tensor] = field(default_factory=dict)
     stages: dict[str, torch.Tensor] = field(default_factory=dict)
+    grid: tuple[int, int] | None = None
 
 
 def patch_logits(
@@ -123,6 +129,12 @@ class DenseEngine:
         sfr: SFR settings, or None to disable SFR.
         trunk_attention: ``"explicit"`` (bit-level parity with the released code) or ``"fused"``
             (scaled_dot_product_attention in blocks whose attention map RCS does not need).
+        aux: loaded auxiliary models by kind (:func:`resclip.auxiliary.load_aux`); every kind the method
+            requires (:meth:`~resclip.methods.BaseAttention.required_aux`) must be there.
+
+    Raises:
+        ValueError: SFR on a method without scores; a required auxiliary model missing; RCS or SFR
+            on a last stage whose output grid is not the CLIP grid.
     """
 
     def __init__(
@@ -132,6 +144,7 @@ class DenseEngine:
         rcs: RCSConfig | None = None,
         sfr: SFRConfig | None = None,
         trunk_attention: str = "explicit",
+        aux: Mapping[str, Any] | None = None,
     ) -> None:
         if trunk_attention not in ("explicit", "fused"):
             raise ValueError(f"trunk_attention must be 'explicit' or 'fused', got {trunk_attention!r}")
@@ -140,6 +153,20 @@ class DenseEngine:
                 f"SFR edits attention scores, but method {method.name!r} has none (identity attention); "
                 "use sfr=False with it"
             )
+        self.aux = dict(aux or {})
+        needed = [kind for kind in method.required_aux() if kind not in self.aux]
+        if needed:
+            raise ValueError(missing_aux_message(method.name, needed[0]))
+        self.patch = patch_size(visual)
+        if (rcs is not None or sfr is not None) and method.replaces_last_block:
+            stride = method.out_patch(self.patch, self.aux)
+            if stride != self.patch:
+                grid = "a fixed grid" if stride is None else f"a {stride}-pixel grid"
+                raise ValueError(
+                    f"{method.name} forms its attention on {grid}, RCS and SFR mix the CLIP's "
+                    f"{self.patch}-pixel grid: use an auxiliary model with patch {self.patch}, or rcs=False "
+                    "and sfr=False (--no-rcs --no-sfr)"
+                )
         self.visual = visual
         self.method = method
         self.rcs = rcs
@@ -148,7 +175,6 @@ class DenseEngine:
         self.rcs_layers = rcs.zero_based(depth) if rcs is not None else ()
         self.keep_blocks = method.trunk_blocks(depth)
         self.keep_attn = method.trunk_attentions(depth)
-        self.patch = patch_size(visual)
         self.explicit = trunk_attention == "explicit"
 
     def attention(
@@ -225,6 +251,7 @@ class DenseEngine:
         text: torch.Tensor,
         query_to_class: torch.Tensor,
         trace: WindowTrace | None = None,
+        regions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Patch logits of a batch of equally sized windows.
 
@@ -233,6 +260,8 @@ class DenseEngine:
             text: ``(Q, D)`` query embeddings.
             query_to_class: ``(Q,)`` int64 class of each query (for class-level SFR labels).
             trace: an empty :class:`WindowTrace` to fill with the intermediates, or None.
+            regions: ``(B, Hc, Wc)`` int64 instance-map crops for a method that reads them
+                (``uses_regions``), handed to its last stage (both SFR passes), or None.
 
         Returns:
             ``(B, Q, h, w)`` float32 cosine logits.
@@ -242,13 +271,15 @@ class DenseEngine:
         keep = trace is not None
         sfr_trace = SFRTrace() if keep else None
         qkv = self._last_qkv(trunk)  # shared by SFR's first pass and the final pass
-        refine = self._refinement(crops, trunk, text, query_to_class, sfr_trace, qkv)
-        tokens, attn = self._forward(trunk, refine, keep, trace.stages if trace is not None else None, qkv)
+        memo: dict[str, Any] = {"regions": regions}  # a last stage's scratch, shared by both passes
+        refine = self._refinement(crops, trunk, text, query_to_class, sfr_trace, qkv, memo)
+        stages = trace.stages if trace is not None else None
+        tokens, attn, grid = self._forward(trunk, refine, keep, stages, qkv, crops, memo)
         if trace is not None:
             trace.pre_last_block_x, trace.rcs_attn, trace.blocks = trunk.x, trunk.rcs_attn, trunk.blocks
-            trace.tokens, trace.attn = tokens, attn
+            trace.tokens, trace.attn, trace.grid = tokens, attn, grid
             trace.sfr = sfr_trace if self.sfr is not None else None
-        return patch_logits(tokens, text, trunk.grid, same_query)
+        return patch_logits(tokens, text, grid, same_query)
 
     @torch.inference_mode()
     def last_attention(
@@ -279,7 +310,7 @@ class DenseEngine:
         qkv = self._last_qkv(trunk)
         refine = None
         if text is not None and query_to_class is not None:
-            refine = self._refinement(crops, trunk, text, query_to_class, None, qkv)
+            refine = self._refinement(crops, trunk, text, query_to_class, None, qkv, {})
         assert qkv is not None  # a standard last block (checked above)
         return self.attention(qkv[0], qkv[1], trunk.grid, trunk.rcs_attn, refine)
 
@@ -301,17 +332,27 @@ class DenseEngine:
         keep: bool,
         stages: dict[str, torch.Tensor] | None,
         qkv: QKV | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The last block, or the method's own last stage, on the trunk's output: projected tokens
-        and (standard block, ``keep``) its ``(B, H, T, T)`` attention. ``qkv``: :meth:`_last_qkv`."""
+        crops: torch.Tensor,
+        memo: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """The last block, or the method's own last stage, on the trunk's output: projected tokens,
+        (standard block, ``keep``) its ``(B, H, T, T)`` attention, and the tokens' grid (a last stage
+        may set its own). ``qkv``: :meth:`_last_qkv`; ``crops``, ``memo``: for a last stage."""
         if qkv is None:
-            return self.method.last_stage(self._stage_context(trunk, refine, stages)), None
+            ctx = self._stage_context(trunk, refine, stages, crops, memo)
+            tokens = self.method.last_stage(ctx)
+            return tokens, None, ctx.out_grid or trunk.grid
         q, k, v = qkv
         av, attn = self.attend(q, k, v, trunk.grid, trunk.rcs_attn, refine, keep)
-        return self._tokens(trunk.x, av), attn
+        return self._tokens(trunk.x, av), attn, trunk.grid
 
     def _stage_context(
-        self, trunk: TrunkOutput, refine: torch.Tensor | None, stages: dict[str, torch.Tensor] | None
+        self,
+        trunk: TrunkOutput,
+        refine: torch.Tensor | None,
+        stages: dict[str, torch.Tensor] | None,
+        crops: torch.Tensor,
+        memo: dict[str, Any],
     ) -> StageContext:
         """RCS and SFR for a last stage that attends over patch tokens only: the CLS row and column
         are dropped from the averaged RCS attention (rows renormalised) and from SFR's scores."""
@@ -327,9 +368,13 @@ class DenseEngine:
         def mix_attention(attn: torch.Tensor, heads: slice) -> torch.Tensor:
             if rcs_p is None or self.rcs is None:
                 return attn
-            return rcs_mix(attn, rcs_p[:, heads], self.rcs)
+            mix = rcs_p[:, heads]
+            if attn.shape[1] != mix.shape[1]:  # one map for every head (ProxyCLIP's): RCS makes one per head
+                attn = attn.expand(-1, mix.shape[1], -1, -1)
+            return rcs_mix(attn, mix, self.rcs)
 
-        return StageContext(self.visual, trunk, mix_scores, mix_attention, stages)
+        return StageContext(self.visual, trunk, mix_scores, mix_attention, stages, crops=crops,
+                            aux=self.aux, memo=memo, explicit=self.explicit, regions=memo.get("regions"))
 
     def _tokens(self, x: torch.Tensor, av: torch.Tensor) -> torch.Tensor:
         """Finish the last block from its attention-weighted values and project: ``(B, T, D)``."""
@@ -344,13 +389,14 @@ class DenseEngine:
         query_to_class: torch.Tensor,
         trace: SFRTrace | None,
         qkv: QKV | None,
+        memo: dict[str, Any],
     ) -> torch.Tensor | None:
         """SFR's first pass and its refinement scores ``(B, 1, T, T)``; None without SFR."""
         if self.sfr is None:
             return None
         keep = trace is not None
-        first_tokens, first_attn = self._forward(trunk, None, keep, None, qkv)
-        first_logits = patch_logits(first_tokens, text, trunk.grid, first_identical_row(text))
+        first_tokens, first_attn, grid = self._forward(trunk, None, keep, None, qkv, crops, memo)
+        first_logits = patch_logits(first_tokens, text, grid, first_identical_row(text))
         labels = pixel_labels(first_logits, crops, self.sfr, query_to_class)
         num_labels = text.shape[0] if self.sfr.label_level == "query" else int(query_to_class.max()) + 1
         label_map = patch_mode(labels, self.patch, num_labels)

@@ -8,15 +8,17 @@ import difflib
 import numbers
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import torch
 
+from .auxiliary import aux_digest, check_aux_sources, load_aux, missing_aux_message
 from .clip import _checkpoint_path, _resolve_model_name, load_clip, resolve_device, resolve_precision
-from .digest import file_identity, weights_digests
+from .digest import bytes_digest, file_identity, weights_digests
 from .engine import DenseEngine
-from .methods import get_method
+from .methods import BaseAttention, get_method
 from .presets import PRESETS, Fidelity, Preset, get_preset, to_fidelity
 from .protocol import Protocol
 from .rcs import RCSConfig
@@ -24,6 +26,8 @@ from .segmenter import Segmenter, SegmenterConfig
 from .sfr import SFRConfig
 from .text import EmbeddingCache
 from .tlp import TLPConfig
+from .trident import SAMRefineConfig
+from .vit import patch_size
 
 METHOD_ALIAS = "resclip"  # create_segmenter(method="resclip") = naclip + RCS + SFR, as in `resclip compare`
 
@@ -41,11 +45,16 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+# protocol stages switched on or off by name (``tlp=True``) and set field by field (``tlp_grid=40``)
+_STAGES: dict[str, type] = {"tlp": TLPConfig, "sam_refine": SAMRefineConfig}
+
+
 def valid_overrides() -> list[str]:
     """Keyword overrides accepted by :func:`create_segmenter`."""
     names = set(_field_names(Protocol)) | set(_ALIASES)
     names |= {f"rcs_{n}" for n in _field_names(RCSConfig)} | {f"sfr_{n}" for n in _field_names(SFRConfig)}
-    names |= {f"tlp_{n}" for n in _field_names(TLPConfig)}
+    for stage, cls in _STAGES.items():
+        names |= {f"{stage}_{n}" for n in _field_names(cls)}
     return sorted(names)
 
 
@@ -122,20 +131,25 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
     aliases ``lambda_rcs, tau_rcs, rcs_layers, lambda_sfr, tau_sfr, temp_thd``, or
     ``rcs_<field>`` / ``sfr_<field>`` for any RCS/SFR config field, ``tlp=True`` / ``False``
     (PEARL's text-aware propagation on or off, any method) and ``tlp_<field>`` for any
-    :class:`~resclip.tlp.TLPConfig` field (turns it on).
+    :class:`~resclip.tlp.TLPConfig` field (turns it on); likewise ``sam_refine=True`` / ``False`` and
+    ``sam_refine_<field>`` (Trident's SAM refinement, :class:`~resclip.trident.SAMRefineConfig`).
 
     Raises:
         TypeError: unknown key (the message suggests the closest and lists the valid ones), or a
             value of the wrong type (the message names the key).
     """
-    classes: dict[str, type] = {"protocol": Protocol, "rcs": RCSConfig, "sfr": SFRConfig, "tlp": TLPConfig}
-    groups: dict[str, dict[str, Any]] = {"protocol": {}, "rcs": {}, "sfr": {}, "tlp": {}}
-    tlp_on: bool | None = None  # tlp=True / False from the command line (a TLPConfig passes as is)
+    classes: dict[str, type] = {"protocol": Protocol, "rcs": RCSConfig, "sfr": SFRConfig, **_STAGES}
+    groups: dict[str, dict[str, Any]] = {name: {} for name in classes}
+    switched: dict[str, bool] = {}  # tlp=True / False from the command line (a TLPConfig passes as is)
     for key, value in overrides.items():
-        if key == "tlp" and isinstance(value, bool):
-            tlp_on = value
+        if key in _STAGES and isinstance(value, bool):
+            switched[key] = value
             continue
-        if key in _ALIASES:
+        stage = next((s for s, cls in _STAGES.items()
+                      if key.startswith(f"{s}_") and key[len(s) + 1:] in _field_names(cls)), None)
+        if stage is not None:
+            group, name = stage, key[len(stage) + 1:]
+        elif key in _ALIASES:
             group, name = _ALIASES[key]
         elif key in _field_names(Protocol):
             group, name = "protocol", key
@@ -143,18 +157,19 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
             group, name = "rcs", key[4:]
         elif key.startswith("sfr_") and key[4:] in _field_names(SFRConfig):
             group, name = "sfr", key[4:]
-        elif key.startswith("tlp_") and key[4:] in _field_names(TLPConfig):
-            group, name = "tlp", key[4:]
         else:
             raise TypeError(unknown_setting_message(key))
         groups[group][name] = check_override(key, classes[group], name, value)
     protocol = dataclasses.replace(preset.protocol, **groups["protocol"])
-    if tlp_on is not None or groups["tlp"]:  # tlp=True, or a tlp_<field>, turns TLP on
-        if tlp_on is False and groups["tlp"]:
-            raise TypeError(f"tlp=False contradicts {', '.join('tlp_' + k for k in groups['tlp'])}")
-        base = protocol.tlp or TLPConfig()
-        protocol = dataclasses.replace(
-            protocol, tlp=None if tlp_on is False else dataclasses.replace(base, **groups["tlp"]))
+    for stage, cls in _STAGES.items():  # stage=True, or a stage_<field>, turns the stage on
+        on, fields = switched.get(stage), groups[stage]
+        if on is None and not fields:
+            continue
+        if on is False and fields:
+            raise TypeError(f"{stage}=False contradicts {', '.join(f'{stage}_{k}' for k in fields)}")
+        base = getattr(protocol, stage) or cls()
+        chosen: Any = None if on is False else dataclasses.replace(base, **fields)
+        protocol = dataclasses.replace(protocol, **{stage: chosen})
     return dataclasses.replace(
         preset,
         protocol=protocol,
@@ -163,18 +178,28 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
     )
 
 
-def build_engine(visual: Any, config: SegmenterConfig) -> DenseEngine:
-    """The dense engine ``config`` describes, over a CLIP visual tower (the one place engines are built).
-
-    Raises:
-        ValueError: SFR on a method without attention scores, RCS layers outside the model.
-    """
-    method = get_method(config.method).for_fidelity(config.fidelity)
-    preset = PRESETS.get(config.preset)
-    settings = preset.method_settings(method.name) if preset is not None else {}
+def configured_method(name: str, fidelity: str, preset: str) -> BaseAttention:
+    """The registered method ``name`` with its fidelity switches and the fields ``preset`` sets."""
+    method = get_method(name).for_fidelity(fidelity)
+    chosen = PRESETS.get(preset)
+    settings = chosen.method_settings(method.name) if chosen is not None else {}
     if settings:  # a method's own fields the preset sets per dataset (e.g. PEARL's alpha_kk)
         method = dataclasses.replace(method, **settings)
-    return DenseEngine(visual, method, config.rcs, config.sfr, config.trunk_attention)
+    return method
+
+
+def build_engine(visual: Any, config: SegmenterConfig, aux: Mapping[str, Any] | None = None) -> DenseEngine:
+    """The dense engine ``config`` describes, over a CLIP visual tower (the one place engines are built).
+
+    Args:
+        aux: loaded auxiliary models by kind (:func:`resclip.auxiliary.load_aux`), for methods that read one.
+
+    Raises:
+        ValueError: SFR on a method without attention scores, RCS layers outside the model, an
+            auxiliary model the method needs missing, RCS / SFR on a last stage with its own grid.
+    """
+    method = configured_method(config.method, config.fidelity, config.preset)
+    return DenseEngine(visual, method, config.rcs, config.sfr, config.trunk_attention, aux=aux)
 
 
 def with_method(
@@ -193,7 +218,7 @@ def with_method(
 
     Raises:
         ValueError: unknown method; a module ``base`` was built without; SFR on a method without
-            attention scores.
+            attention scores; an auxiliary model the method needs that ``base`` was not given.
     """
     name = get_method(method).name
     modules: dict[str, Any] = {}
@@ -205,15 +230,29 @@ def with_method(
         modules[module] = settings if wanted or wanted is None else None
     config = dataclasses.replace(base.config, method=name, **modules)
     variant = copy.copy(base)  # everything else is shared or carried over unchanged
-    variant.engine = build_engine(base.engine.visual, config)
+    variant.engine = build_engine(base.engine.visual, config, aux=base.engine.aux)
     variant.config = config
     return variant
 
 
+def default_modules(method: BaseAttention, protocol: Protocol, visual: Any, aux: Mapping[str, Any],
+                    rcs: bool | None, sfr: bool | None) -> tuple[bool, bool]:
+    """Whether RCS and SFR are on: as asked, or for None, on wherever they can act: not under a
+    protocol with its own image pipeline (CLIPer's, Trident's), not on a last stage whose attention
+    lives on another grid than CLIP's (ProxyCLIP with DINO ViT-B/8), and SFR not on a method
+    without attention scores (MaskCLIP). An explicit True that cannot act is refused later, in one line."""
+    if rcs is not None and sfr is not None:
+        return rcs, sfr
+    possible = protocol.cliper is None and protocol.trident is None
+    if possible and method.replaces_last_block:
+        possible = method.out_patch(patch_size(visual), aux) == patch_size(visual)
+    return (possible if rcs is None else rcs), (possible and method.has_scores if sfr is None else sfr)
+
+
 def create_segmenter(
     method: str = "naclip",
-    rcs: bool = True,
-    sfr: bool = True,
+    rcs: bool | None = None,
+    sfr: bool | None = None,
     preset: str = "default",
     model: str | None = None,
     pretrained: str | None = "openai",
@@ -223,6 +262,7 @@ def create_segmenter(
     window_batch: int = 8,
     text_cache: EmbeddingCache | bool = True,
     trunk_attention: str | None = None,
+    aux_pretrained: Mapping[str, str | Path] | None = None,
     **overrides: Any,
 ) -> Segmenter:
     """Build a segmenter.
@@ -231,8 +271,9 @@ def create_segmenter(
         method: base attention of the last block, one of :func:`resclip.list_methods`, or
             ``"resclip"``: ResCLIP, i.e. ``"naclip"`` with RCS and SFR (the name ``resclip compare``
             uses; ``rcs=False`` or ``sfr=False`` with it is an error).
-        rcs: apply RCS (residual cross-correlation self-attention).
-        sfr: apply SFR (semantic feedback refinement).
+        rcs: apply RCS (residual cross-correlation self-attention); None (default): wherever it can
+            act (see :func:`default_modules`).
+        sfr: apply SFR (semantic feedback refinement); None (default): likewise.
         preset: inference settings, one of :func:`resclip.list_presets` (``"voc21"``,
             ``"sclip/ade20k"``, ``"paper/context60"``, ``"default"``...).
         model: open_clip architecture (``"ViT-B-16"``, ``"ViT-L/14"``...); None infers it from a
@@ -247,6 +288,9 @@ def create_segmenter(
         text_cache: an :class:`EmbeddingCache`, True for the default on-disk cache, False for none.
         trunk_attention: ``"explicit"`` (the released ResCLIP code's arithmetic) or ``"fused"``
             (the baseline repositories' and faster); default: the preset's.
+        aux_pretrained: auxiliary models by kind, ``{"dino": path_or_name}`` (see :mod:`resclip.auxiliary`),
+            for methods that read one (ProxyCLIP: ``"dino"``); each is loaded once per process and
+            shared by every segmenter and variant that names it.
         **overrides: protocol and module settings, see :func:`apply_overrides`.
 
     Example:
@@ -254,7 +298,7 @@ def create_segmenter(
         >>> seg.predict("cat.jpg", ["background", "cat"]).mask.shape  # doctest: +SKIP
     """
     if str(method).lower() == METHOD_ALIAS:
-        if not (rcs and sfr):
+        if rcs is False or sfr is False:
             raise ValueError(f"method={METHOD_ALIAS!r} is naclip with RCS and SFR; "
                              f"for naclip without one of them use method='naclip' with rcs= / sfr=")
         method = "naclip"
@@ -265,6 +309,14 @@ def create_segmenter(
     chosen = apply_overrides(chosen, overrides)
     dev = resolve_device(device)
     resolve_precision(precision)
+    aux_sources = check_aux_sources(aux_pretrained or {})
+    configured = configured_method(base.name, chosen.fidelity, chosen.name)
+    for kind in configured.required_aux():
+        if kind not in aux_sources:  # before any model is loaded
+            raise ValueError(missing_aux_message(base.name, kind))
+    if chosen.protocol.sam_refine is not None and "sam" not in aux_sources:
+        raise ValueError("sam_refine refines masks with SAM: pass aux_pretrained={'sam': PATH} "
+                         "(--aux-pretrained sam=PATH), or sam_refine=False")
     checkpoint = _local_checkpoint(model, pretrained)
     before = file_identity(checkpoint) if checkpoint is not None else None
     loaded = load_clip(model, pretrained, device=dev, precision=precision)
@@ -272,10 +324,15 @@ def create_segmenter(
     same = before is not None and checkpoint is not None and file_identity(checkpoint) == before
     variant = f"{loaded.info.arch}|{precision}"
     visual_digest, text_digest = weights_digests(loaded.model, before if same else None, variant)
+    aux = {kind: load_aux(kind, src, device=dev, precision=precision) for kind, src in aux_sources.items()}
+    if aux:  # the image side's weights include the auxiliary models' (saved progress, labelling records)
+        parts = [visual_digest, *(f"{kind}:{aux_digest(model)}" for kind, model in sorted(aux.items()))]
+        visual_digest = bytes_digest("|".join(parts).encode())
+    use_rcs, use_sfr = default_modules(configured, chosen.protocol, loaded.model.visual, aux, rcs, sfr)
     config = SegmenterConfig(
         method=base.name,
-        rcs=chosen.rcs if rcs else None,
-        sfr=chosen.sfr if sfr else None,
+        rcs=chosen.rcs if use_rcs else None,
+        sfr=chosen.sfr if use_sfr else None,
         protocol=chosen.protocol,
         preset=chosen.name,
         fidelity=chosen.fidelity,
@@ -283,8 +340,9 @@ def create_segmenter(
         pretrained=loaded.info.pretrained,
         precision=precision,
         trunk_attention=trunk_attention or chosen.trunk_attention,
+        aux=tuple(sorted((kind, str(src)) for kind, src in aux_sources.items())),
     )
-    engine = build_engine(loaded.model.visual, config)
+    engine = build_engine(loaded.model.visual, config, aux=aux)
     # not `text_cache or None`: an empty EmbeddingCache has len() == 0 and would be dropped
     cache = EmbeddingCache() if text_cache is True else (None if text_cache is False else text_cache)
     if pretrained is None and cache is not None:

@@ -82,6 +82,18 @@ def _patch_rows(start: int, stop: int, factor: int, height: int) -> tuple[int, i
     return first, last
 
 
+def upsample_window(logits: torch.Tensor, size: tuple[int, int],
+                    pad: tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+    """``(B, Q, h, w)`` window patch logits -> ``(B, Q, Hc, Wc)`` at the window size ``size``:
+    bilinear (``align_corners=False``) to the padded window, then the padding
+    ``(left, right, top, bottom)`` cut off."""
+    left, right, top, bottom = pad
+    hc, wc = size
+    up = F.interpolate(logits, size=(hc + top + bottom, wc + left + right), mode="bilinear",
+                       align_corners=False)
+    return up[..., top : top + hc, left : left + wc] if any(pad) else up
+
+
 class WindowLogits:
     """Window-averaged query logits at the resized size, rebuilt on demand for some queries and rows.
 
@@ -94,13 +106,16 @@ class WindowLogits:
     Args:
         height, width: the resized size ``(h1, w1)``.
         windows: ``(boxes, logits)`` per window batch, in processing order.
+        pad: the padding every window had before the network (``Protocol.window_multiple``).
     """
 
     def __init__(
-        self, height: int, width: int, windows: Sequence[tuple[Sequence[Box], torch.Tensor]]
+        self, height: int, width: int, windows: Sequence[tuple[Sequence[Box], torch.Tensor]],
+        pad: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> None:
         self.height = height
         self.width = width
+        self.pad = pad
         self.windows = list(windows)
         self.num_queries = int(self.windows[0][1].shape[1])
         self.device = self.windows[0][1].device
@@ -120,7 +135,7 @@ class WindowLogits:
             nhwc = logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous()
             layout = torch.channels_last if nhwc else torch.contiguous_format
             y1, x1, y2, x2 = boxes[picked[0]]
-            factor = _power_of_two_factor(logits.shape[-2:], (y2 - y1, x2 - x1))
+            factor = 0 if any(self.pad) else _power_of_two_factor(logits.shape[-2:], (y2 - y1, x2 - x1))
             if factor:  # only the patch rows that the wanted rows read (same kernel values)
                 for i in picked:
                     y1, x1, y2, x2 = boxes[i]
@@ -138,7 +153,7 @@ class WindowLogits:
                     count[:, a - start : b - start, x1:x2] += 1
                 continue
             part = logits[picked, q0:q1].contiguous(memory_format=layout)
-            up = F.interpolate(part, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
+            up = upsample_window(part, (y2 - y1, x2 - x1), self.pad)
             for i, win in zip(picked, up, strict=True):
                 y1, x1, y2, x2 = boxes[i]
                 a, b = max(start, y1), min(stop, y2)
@@ -416,3 +431,44 @@ class FullResolution:
             return self.logits
         assert self.source is not None
         return self.source.full()
+
+
+class FixedMaps:
+    """A finished image from a method with its own protocol (CLIPer's): its class scores and
+    mask, behind the band interface of :class:`FullResolution` that :class:`resclip.SegResult`
+    and :mod:`resclip.results` read.
+
+    Args:
+        scores: ``(C, H, W)`` non-negative class scores at the original size (``probs`` divides
+            them by their sum over classes where it is positive).
+        labels: ``(H, W)`` int64 class indices (255 = no class).
+        patch_maps: ``(C, h, w)`` the patch-level maps (what ``SegResult.logits`` returns).
+    """
+
+    def __init__(self, scores: torch.Tensor, labels: torch.Tensor, patch_maps: torch.Tensor) -> None:
+        self.scores = scores
+        self.labels = labels
+        self.patch_maps = patch_maps
+        self.num_classes = int(scores.shape[0])
+        self.size = (int(scores.shape[1]), int(scores.shape[2]))
+
+    def class_prob_rows(self, start: int, stop: int) -> torch.Tensor:
+        """``(C, R, W)`` class scores of a band."""
+        return self.scores[:, start:stop]
+
+    def iter_bands(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """One band: the whole image."""
+        yield 0, self.size[0], self.scores
+
+    def mask(self) -> np.ndarray:
+        """``(H, W)`` class indices (dtype from :func:`mask_dtype`; 255 = no class)."""
+        return self.labels.cpu().numpy().astype(mask_dtype(self.num_classes))
+
+    def probs(self) -> np.ndarray:
+        """``(C, H, W)`` float32 scores divided by their sum over classes (0 where all are 0)."""
+        total = self.scores.sum(dim=0, keepdim=True)
+        return torch.where(total > 0, self.scores / total.clamp_min(1e-30), 0.0).cpu().numpy()
+
+    def resized_logits(self) -> torch.Tensor:
+        """The ``(C, h, w)`` patch-level maps."""
+        return self.patch_maps

@@ -31,13 +31,16 @@ def sparse_confusion(
     """Confusion counts of one image in sparse form.
 
     Args:
-        pred: ``(H, W)`` predicted class indices in ``[0, C)`` (numpy or torch, any integer dtype).
+        pred: ``(H, W)`` predicted class indices in ``[0, C)`` (numpy or torch, any integer dtype);
+            ``ignore_index`` = no class predicted (a method that can leave a pixel unassigned, such
+            as CLIPer's background on a dataset without one): a miss for the true class.
         gt: ``(H, W)`` ground truth in ``[0, C)``, ``ignore_index`` for pixels that do not count.
         num_classes: ``C``.
         ignore_index: ground-truth value to skip.
 
     Returns:
-        ``(K,)`` int64 flat indices ``gt * C + pred`` (sorted, unique) and ``(K,)`` int64 pixel counts.
+        ``(K,)`` int64 flat indices ``gt * C + pred`` (sorted, unique; ``C * C + gt`` for an
+        unassigned pixel) and ``(K,)`` int64 pixel counts.
 
     Raises:
         ValueError: shapes differ, or values outside the class range.
@@ -49,12 +52,15 @@ def sparse_confusion(
     g = g.long()
     valid = g != ignore_index
     g, p = g[valid], p[valid].long()
+    unassigned = p == ignore_index
     if g.numel():
         if int(g.min()) < 0 or int(g.max()) >= num_classes:
             raise ValueError(f"ground truth has values outside 0..{num_classes - 1} and {ignore_index}")
-        if int(p.min()) < 0 or int(p.max()) >= num_classes:
-            raise ValueError(f"prediction has values outside 0..{num_classes - 1}")
-    counts = torch.bincount(g * num_classes + p, minlength=num_classes * num_classes)
+        if bool(((p < 0) | ((p >= num_classes) & ~unassigned)).any()):
+            raise ValueError(
+                f"prediction has values outside 0..{num_classes - 1} (and {ignore_index} = none)")
+    flat = torch.where(unassigned, num_classes * num_classes + g, g * num_classes + p)
+    counts = torch.bincount(flat, minlength=num_classes * num_classes)
     nz = torch.nonzero(counts).flatten()
     return nz.cpu().numpy().astype(np.int64), counts[nz].cpu().numpy().astype(np.int64)
 
@@ -74,10 +80,20 @@ def confusion_matrix(
 
 
 def densify(idx: np.ndarray, counts: np.ndarray, num_classes: int) -> np.ndarray:
-    """Sparse ``(K,)`` flat indices and counts -> ``(C, C)`` int64 matrix."""
+    """Sparse ``(K,)`` flat indices and counts -> ``(C, C)`` int64 matrix (unassigned pixels,
+    ``idx >= C * C``, are left out: see :func:`unassigned_counts`)."""
     out = np.zeros(num_classes * num_classes, dtype=np.int64)
-    np.add.at(out, idx, counts)
+    inside = idx < num_classes * num_classes
+    np.add.at(out, idx[inside], counts[inside])
     return out.reshape(num_classes, num_classes)
+
+
+def unassigned_counts(idx: np.ndarray, counts: np.ndarray, num_classes: int) -> np.ndarray:
+    """``(C,)`` int64 pixels of each true class that got no class (flat indices ``C * C + gt``)."""
+    out = np.zeros(num_classes, dtype=np.int64)
+    outside = idx >= num_classes * num_classes
+    np.add.at(out, idx[outside] - num_classes * num_classes, counts[outside])
+    return out
 
 
 @dataclass(frozen=True)
@@ -106,8 +122,9 @@ def _nanmean(x: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def compute_metrics(matrix: np.ndarray) -> SegMetrics:
-    """IoU, accuracy and their means from a ``(C, C)`` confusion matrix (rows: ground truth).
+def compute_metrics(matrix: np.ndarray, unassigned: np.ndarray | None = None) -> SegMetrics:
+    """IoU, accuracy and their means from a ``(C, C)`` confusion matrix (rows: ground truth) and
+    the ``(C,)`` pixels of each true class that got no class (misses: in its union, no prediction's).
 
     Example:
         >>> import numpy as np
@@ -120,6 +137,8 @@ def compute_metrics(matrix: np.ndarray) -> SegMetrics:
         raise ValueError(f"confusion matrix must be square, got shape {cm.shape}")
     inter = np.diag(cm).astype(np.float64)
     area_gt = cm.sum(axis=1).astype(np.float64)
+    if unassigned is not None:
+        area_gt += np.asarray(unassigned, dtype=np.float64)
     area_pred = cm.sum(axis=0).astype(np.float64)
     union = area_gt + area_pred - inter
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -153,6 +172,7 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.unassigned = np.zeros(num_classes, dtype=np.int64)  # true-class pixels given no class
 
     def update(self, pred: ArrayLike, gt: ArrayLike) -> None:
         """Add one image: ``(H, W)`` prediction and ground truth."""
@@ -160,19 +180,27 @@ class ConfusionMatrix:
         self.add_sparse(idx, counts)
 
     def add_sparse(self, idx: np.ndarray, counts: np.ndarray) -> None:
-        """Add counts given as flat ``gt * C + pred`` indices."""
-        np.add.at(self.matrix.reshape(-1), idx, counts)
+        """Add counts given as flat ``gt * C + pred`` indices (``C * C + gt``: unassigned)."""
+        c = self.num_classes
+        self.matrix += densify(idx, counts, c)
+        self.unassigned += unassigned_counts(idx, counts, c)
+
+    def stacked(self) -> np.ndarray:
+        """``(C, C + 1)``: the matrix with the unassigned counts as a last column (one array to sum
+        across processes)."""
+        return np.concatenate([self.matrix, self.unassigned[:, None]], axis=1)
 
     def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         """Add another accumulator's counts (same number of classes) into this one; returns self."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes}-class counts into {self.num_classes} classes")
         self.matrix += other.matrix
+        self.unassigned += other.unassigned
         return self
 
     def compute(self) -> SegMetrics:
         """Metrics of everything added so far."""
-        return compute_metrics(self.matrix)
+        return compute_metrics(self.matrix, self.unassigned)
 
 
 def percent(x: float, decimals: int = 2) -> float | None:

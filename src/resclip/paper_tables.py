@@ -8,9 +8,8 @@ the baselines' own papers, so they run under the baseline repository's protocol 
 +ResCLIP and ablation row runs the released ResCLIP config of the dataset (preset ``<ds>``).
 
 :data:`METHOD_TABLES` holds the main results tables (eight benchmarks, mIoU %) of the other methods
-resclip implements, ids ``sc_clip``, ``pearl`` and ``cliper``; each number's source is noted next to
-it. SFP's own table is missing: its per-dataset numbers were not found in a citable source (its
-row as reproduced by PEARL is in the ``pearl`` table). :func:`get_table` looks in both dicts.
+resclip implements, ids ``sc_clip``, ``sfp``, ``pearl`` and ``cliper``; each number's source is noted
+next to it. :func:`get_table` looks in both dicts.
 """
 
 from __future__ import annotations
@@ -331,6 +330,18 @@ _SC_CLIP: _Spec = [
     ("SC-CLIP", "L/14", [65.0, 36.9, None, None, None, 26.9, 41.3, 21.7, 45.2]),
 ]
 
+# SFP (Jin et al., ICCV 2025), read from the camera-ready PDF ("Certified by IEEE PDFExpress at July 21,
+# 2025") in the first author's homepage repository: https://github.com/Kimsure/Kimsure.github.io,
+# images/files/iccv25-sfp.pdf (the release repository has no results table). Table 1 (p. 5) prints the
+# columns V21 PC60 Object V20 PC59 Stuff ADE City Avg; reordered here to ours (City before ADE). The
+# B/16 cells average to the printed 44.0. Table 4 (p. 6) gives other backbones on V21 and ADE only,
+# with the mean of those two as "Avg" (B/32 38.6, L/14 43.4): not an eight-benchmark mean, so left None.
+_SFP: _Spec = [
+    ("SFP", "B/16", [63.9, 37.2, 37.9, 84.5, 39.9, 26.4, 41.1, 20.8, 44.0]),
+    ("SFP", "B/32", [60.1, None, None, None, None, None, None, 17.1, None]),
+    ("SFP", "L/14", [64.7, None, None, None, None, None, None, 22.1, None]),
+]
+
 # PEARL (Pei et al., CVPR 2026, arXiv 2603.21528), Table 1, block (d) "Training-free + No extra
 # data & backbone" (CLIP ViT-B/16), read from the release's copy of the table:
 # https://github.com/PGSmall/PEARL/blob/c26062b/assets/results.png (README section 4.1).
@@ -368,11 +379,16 @@ _CLIPER: _Spec = [
     ("CLIPer w/o FGC", "L/14", [62.5, 34.8, 40.4, 88.7, 39.6, 26.3, 37.9, 22.1, None]),
     ("CLIPer*", "L/14", [72.2, 39.5, 44.7, 89.8, 44.6, 30.4, 42.5, 25.0, None]),
     ("CLIPer* w/o FGC", "L/14", [64.0, 35.7, 41.4, 89.0, 40.9, 27.1, 39.4, 22.9, None]),
+    # the row the cliper/<dataset> presets run: each B/16 config's active window setting (sliding for
+    # VOC21, PC60, Object, PC59; whole image for the others), its w/o-FGC number from the same
+    # README rows above (= the parenthesised number next to the active line of each yaml); the
+    # mean of these eight is 42.5 (computed here, not printed by the release)
+    ("CLIPer w/o FGC (configs)", "B/16", [62.1, 35.7, 37.5, 84.3, 39.6, 25.4, 35.9, 19.8, None]),
 ]
-# none run yet: resclip's `cliper` method is CLIPer's fused last block (an engine stage); the
-# release's own protocol (resclip.cliper_protocol: background words, thresholds, layer fusion) is
-# not wired into Segmenter / eval, and there are no cliper/<dataset> presets
-_CLIPER_NOT_RUN = tuple(label for label, _, _ in _CLIPER)
+# the printed rows are listed, not run: FGC is out of scope, and the presets hold one window
+# setting per dataset (the "configs" row); the L/14 configs (other thresholds, select_layer -2 on
+# VOC21) are not presets yet
+_CLIPER_NOT_RUN = tuple(label for label, _, _ in _CLIPER if not label.endswith("(configs)"))
 
 #: Main results tables of the other implemented methods' papers, by id (lower case).
 METHOD_TABLES: dict[str, PaperTable] = {
@@ -381,6 +397,12 @@ METHOD_TABLES: dict[str, PaperTable] = {
         "SC-CLIP main results, eight benchmarks (mIoU %; rows as reprinted, see the source notes)",
         _cols(_EIGHT_NAMES, ALL_EIGHT),
         _method_rows(_SC_CLIP),
+    ),
+    "sfp": PaperTable(
+        "sfp",
+        "SFP Table 1 (ViT-B/16, eight benchmarks) and Table 4 (other backbones, VOC21 and ADE only), mIoU %",
+        _cols(_EIGHT_NAMES, ALL_EIGHT),
+        _method_rows(_SFP),
     ),
     "pearl": PaperTable(
         "pearl",
@@ -401,13 +423,13 @@ ALL_TABLES: dict[str, PaperTable] = {**TABLES, **METHOD_TABLES}
 
 
 def table_ids() -> list[str]:
-    """Ids of every table, for ``--table`` help: ``1, 2, 3, 4, A1, A2, sc_clip, pearl, cliper``."""
+    """Ids of every table, for ``--table`` help: ``1, 2, 3, 4, A1, A2, sc_clip, sfp, pearl, cliper``."""
     return list(ALL_TABLES)
 
 
 def get_table(table_id: str) -> PaperTable:
     """Look up a table by id, case-insensitively: the ResCLIP paper's ``"1"``, ``"2"``, ``"3"``,
-    ``"4"``, ``"A1"``, ``"A2"`` (also ``"table a1"``) or another method's ``"sc_clip"``,
+    ``"4"``, ``"A1"``, ``"A2"`` (also ``"table a1"``) or another method's ``"sc_clip"``, ``"sfp"``,
     ``"pearl"``, ``"cliper"`` (``-`` may stand for ``_``: ``"SC-CLIP"``)."""
     key = str(table_id).strip().upper().removeprefix("TABLE").strip().replace("-", "_")
     for tid, table in ALL_TABLES.items():

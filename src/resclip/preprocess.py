@@ -182,6 +182,16 @@ def normalise(rgb: np.ndarray) -> torch.Tensor:
     return ((x - mean) / std).unsqueeze(0)
 
 
+def window_padding(h: int, w: int, multiple: int) -> tuple[int, int, int, int]:
+    """Centred zero padding ``(left, right, top, bottom)`` that makes an ``h x w`` window a multiple of
+    ``multiple`` pixels on both sides (the smaller half left / top); no padding for ``multiple <= 1``
+    or a window that already is (ProxyCLIP's and CorrCLIP's releases pad to multiples of 56)."""
+    if multiple <= 1:
+        return 0, 0, 0, 0
+    dw, dh = -w % multiple, -h % multiple
+    return dw // 2, dw - dw // 2, dh // 2, dh - dh // 2
+
+
 def window_coords(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
     """Sliding-window boxes ``(y1, x1, y2, x2)`` in processing order (row-major).
 

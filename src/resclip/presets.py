@@ -3,6 +3,7 @@ protocol, and the paper's printed settings.
 
 Names: ``<dataset>`` (= ``resclip/<dataset>``), ``sclip/<dataset>``, ``naclip/<dataset>``,
 ``clearclip/<dataset>``, ``sc_clip/<dataset>``, ``sfp/<dataset>``, ``pearl/<dataset>``,
+``cliper/<dataset>``, ``proxyclip/<dataset>``, ``trident/<dataset>``, ``corrclip/<dataset>``,
 ``paper/<dataset>``, and ``default`` for everyday photos.
 """
 
@@ -14,11 +15,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from .cliper_protocol import CLIPerProtocol
 from .dataset_specs import DATASETS as _SPECS
 from .protocol import Protocol
 from .rcs import RCSConfig
 from .sfr import SFRConfig
 from .tlp import TLPConfig
+from .trident import TRIDENT_DATASETS, SAMRefineConfig, TridentProtocol
 
 Fidelity = Literal["official", "paper"]
 
@@ -72,8 +75,12 @@ class Preset:
             return " ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in dataclasses.fields(obj)
                             if f.name not in skip)
 
-        lines = [f"protocol: {fields(self.protocol, ('tlp',))}", f"rcs (when on): {fields(self.rcs)}",
-                 f"sfr (when on): {fields(self.sfr)}"]
+        if self.protocol.cliper is not None:  # CLIPer's own pipeline: no windows, RCS or SFR
+            lines = [f"cliper pipeline: {fields(self.protocol.cliper)}"]
+        else:
+            lines = [f"protocol: {fields(self.protocol, ('tlp', 'cliper'))}"]
+            if self.protocol.trident is None:  # Trident's pipeline has no per-window RCS / SFR
+                lines += [f"rcs (when on): {fields(self.rcs)}", f"sfr (when on): {fields(self.sfr)}"]
         if self.protocol.tlp is not None:
             lines.append(f"tlp: {fields(self.protocol.tlp)}")
         for method, pairs in self.method_options:
@@ -123,6 +130,9 @@ def to_fidelity(preset: Preset, fidelity: Fidelity) -> Preset:
     if fidelity == preset.fidelity:
         return preset
     tlp = preset.protocol.tlp
+    refine = preset.protocol.sam_refine
+    if refine is not None and fidelity in ("official", "paper"):  # Trident's mask prompt
+        preset = replace(preset, protocol=replace(preset.protocol, sam_refine=refine.for_fidelity(fidelity)))
     if fidelity == "paper":
         if tlp is not None:  # TLP's text coupling: the paper's quadratic form
             preset = replace(preset, protocol=replace(preset.protocol, tlp=replace(tlp, coupling="matrix")))
@@ -302,6 +312,117 @@ def _pearl(ds: str) -> Preset:
                    description=f"PEARL repository protocol for {ds} (TLP on the output)")
 
 
+class CliperRelease(NamedTuple):
+    """One dataset's settings in the CLIPer release (``scripts/config/vit-b-16/ovs_<dataset>.yaml``;
+    every config attends layers -4 / -6 and selects the last layer)."""
+
+    logit_scale: float
+    attention_thr: float
+    score_thr: float
+    bkg_thr: float
+    slide_crop: int = 0  # 0 = whole image only
+    short_side: int = 336
+    normalise: bool = False
+    templates: str = "cliper"  # the release's car_template.txt; "openai" = the 80 ImageNet ones
+
+
+# CLIPer release (linsun449/cliper.code @c05fa41), the ViT-B/16 configs
+_CLIPER = {
+    "voc21": CliperRelease(100.0, 0.1, 0.7, 0.6, slide_crop=336, normalise=True),
+    "context60": CliperRelease(100.0, 0.2, 0.45, 0.45, slide_crop=224),
+    "coco_object": CliperRelease(50.0, 0.2, 0.3, 0.3, slide_crop=224, templates="openai"),
+    "voc20": CliperRelease(100.0, 0.1, 0.0, 0.001),
+    "cityscapes": CliperRelease(100.0, 0.35, 0.0, 0.0001, short_side=560, templates="openai"),
+    "context59": CliperRelease(100.0, 0.2, 0.3, 0.3, slide_crop=224),
+    "ade20k": CliperRelease(100.0, 0.2, 0.3, 0.3),
+    "coco_stuff": CliperRelease(50.0, 0.2, 0.1, 0.1),
+}
+
+
+def _background_line(ds: str) -> tuple[str, ...]:
+    """The synonyms of class 0 in ``ds``'s shipped class file."""
+    path = Path(__file__).parent / "data" / "class_names" / CLASS_FILES[ds]
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    return tuple(w.strip() for w in first.split(",") if w.strip())
+
+
+def _cliper(ds: str) -> Preset:
+    r = _CLIPER[ds]
+    background = ds in _BACKGROUND
+    # VOC-20 is the release's VOC run with background ignored: VOC's background words, pixels left
+    # to them are misses; the other datasets without background query the word "background"
+    words = _background_line("voc21") if ds == "voc20" else ("background",)
+    cliper = CLIPerProtocol(short_side=r.short_side, slide_crop=r.slide_crop, slide_stride=112,
+                            logit_scale=r.logit_scale, attention_thr=r.attention_thr, score_thr=r.score_thr,
+                            bkg_thr=r.bkg_thr, normalise=r.normalise, background=background,
+                            background_words=() if background else words, templates=r.templates)
+    proto = Protocol(short_side=r.short_side, slide_crop=0, cliper=cliper)
+    return replace(_repository(ds, "cliper", proto, "CLIPer"),
+                   description=f"CLIPer repository pipeline for {ds} (its own resizing, passes, thresholds)")
+
+
+# ProxyCLIP's class files (shared by Trident; ClearCLIP's lineage): VOC's person / tvmonitor as one
+# name each, COCO-Object's shorter background line; the other datasets' files equal resclip's
+_PROXYCLIP_CLASS_FILES = {ds: f"proxyclip_{CLASS_FILES[ds]}" for ds in ("voc21", "voc20", "coco_object")}
+
+
+class WindowRelease(NamedTuple):
+    """One dataset's window protocol in the ProxyCLIP / CorrCLIP releases (``configs/cfg_<dataset>.py``:
+    keep-ratio resize to ``(2048, short_side)``, windows padded to multiples of 56, logit scale 40)."""
+
+    short_side: int = 336
+    slide_crop: int = 336
+    slide_stride: int = 112
+    prob_thd: float = 0.0
+
+
+# ProxyCLIP release (mc-lan/ProxyCLIP @e7b767f); CorrCLIP's CorrCLIPv1 (zdk258/CorrCLIP @103bc18) has the
+# same table
+_PROXYCLIP = {
+    "voc21": WindowRelease(prob_thd=0.2),
+    "context60": WindowRelease(prob_thd=0.15),
+    "coco_object": WindowRelease(prob_thd=0.25),
+    "voc20": WindowRelease(),
+    "cityscapes": WindowRelease(short_side=448, slide_crop=224),
+    "context59": WindowRelease(),
+    "ade20k": WindowRelease(short_side=448),
+    "coco_stuff": WindowRelease(),
+}
+
+
+def _window_release(ds: str, family: str, title: str, trunk: str, **protocol: Any) -> Preset:
+    r = _PROXYCLIP[ds]
+    proto = Protocol(short_side=r.short_side, slide_crop=r.slide_crop, slide_stride=r.slide_stride,
+                     logit_scale=40.0, prob_thd=r.prob_thd, window_multiple=56, **protocol)
+    return replace(_repository(ds, family, proto, title), trunk_attention=trunk)
+
+
+def _proxyclip(ds: str) -> Preset:
+    return replace(_window_release(ds, "proxyclip", "ProxyCLIP", "fused"),
+                   class_file=_PROXYCLIP_CLASS_FILES.get(ds),
+                   description=f"ProxyCLIP repository protocol for {ds} (DINO proxy attention)")
+
+
+def _corrclip(ds: str) -> Preset:
+    # CorrCLIP's class files spell the person class "people" (and COCO-Object's background line differs)
+    return replace(_window_release(ds, "corrclip", "CorrCLIP", "explicit", region_vote=True),
+                   class_file=f"corrclip_{CLASS_FILES[ds]}",
+                   description=f"CorrCLIP repository protocol for {ds} (DINO, SAM 2 regions, vote)")
+
+
+def _trident(ds: str) -> Preset:
+    r = TRIDENT_DATASETS[ds]
+    refine = SAMRefineConfig(coarse_thresh=r.coarse_thresh, minimal_area=225, mask_coeff=0.005,
+                             iou_thresh=0.8)
+    proto = Protocol(short_side=r.short_side, slide_crop=336, slide_stride=r.slide_stride, logit_scale=40.0,
+                     prob_thd=r.prob_thd, trident=TridentProtocol(split_halves=r.split_halves),
+                     sam_refine=refine)
+    return replace(_repository(ds, "trident", proto, "Trident"), class_file=_PROXYCLIP_CLASS_FILES.get(ds),
+                   method_options=(("trident", (("cos_fac", r.cos_fac),
+                                                ("refine_neg_cos", r.refine_neg_cos))),),
+                   description=f"Trident repository pipeline for {ds} (sub-images, DINO, SAM, refinement)")
+
+
 def _paper(ds: str) -> Preset:
     base = _resclip(ds)
     proto = replace(base.protocol, slide_crop=224, slide_stride=112)
@@ -320,7 +441,8 @@ def _paper(ds: str) -> Preset:
 def _build() -> dict[str, Preset]:
     table: dict[str, Preset] = {}
     for ds in DATASETS:
-        for make in (_resclip, _naclip, _sclip, _clearclip, _sc_clip, _sfp, _pearl, _paper):
+        for make in (_resclip, _naclip, _sclip, _clearclip, _sc_clip, _sfp, _pearl, _cliper, _proxyclip,
+                     _trident, _corrclip, _paper):
             p = make(ds)
             table[p.name] = p
         table[f"resclip/{ds}"] = replace(table[ds], name=f"resclip/{ds}")
@@ -355,6 +477,6 @@ def get_preset(name: str) -> Preset:
         raise ValueError(
             f"unknown preset {name!r}; valid: 'default', a dataset ({', '.join(DATASETS)}), or "
             "'<family>/<dataset>' with family one of resclip, sclip, naclip, clearclip, paper, sc_clip, sfp, "
-            "pearl"
+            "pearl, cliper, proxyclip, trident, corrclip"
         )
     return PRESETS[key]

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .cliper_protocol import CLIPerProtocol
 from .tlp import TLPConfig
+from .trident import SAMRefineConfig, TridentProtocol
 
 
 def class_max(probs: torch.Tensor, query_to_class: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -52,6 +54,27 @@ class Protocol:
         tlp: text-aware Laplacian propagation on the full-resolution query logits (after PAMR,
             before the softmax), see :mod:`resclip.tlp`; None = off (PEARL's protocol turns it on).
             It works with any method; it needs the whole ``(Q, H, W)`` map at once.
+        window_multiple: zero-pad every window (centred, in normalised pixel space) to a multiple of
+            this many pixels before the network; its logits are upsampled to the padded size and
+            the padding cut off (ProxyCLIP's and CorrCLIP's releases: 56); 0 = no padding.
+        cliper: CLIPer's own pipeline (:mod:`resclip.cliper_protocol`: its resizing, whole-image
+            and stitched sliding passes, background words and thresholds) instead of the window
+            protocol above, whose fields it then leaves unused; None = the window protocol. It
+            needs the ``cliper`` method, without RCS, SFR, PAMR or TLP (presets ``cliper/<dataset>``).
+        trident: Trident's splice-then-segment pipeline (:mod:`resclip.trident`: sub-images of
+            ``slide_crop`` / ``slide_stride`` through CLIP + DINO, spliced, aggregated by SAM's
+            attention over the whole image) instead of the window protocol; it reads ``short_side``,
+            ``long_side``, ``slide_crop``, ``slide_stride``, ``logit_scale`` and ``prob_thd``, and needs
+            the ``trident`` method without RCS, SFR, PAMR, TLP or the area filter (``trident/<dataset>``).
+        sam_refine: Trident's SAM refinement of the final mask and class probabilities, after any
+            method and protocol (PAMR and TLP included): the coarse regions become box + point
+            prompts for SAM (:func:`resclip.trident.sam_refine`); needs an auxiliary SAM
+            (``aux_pretrained={"sam": PATH}``). None = off.
+        region_vote: CorrCLIP's map correction after any method (and after ``sam_refine``): every
+            region of the image's instance map takes its most frequent class
+            (:func:`resclip.corrclip.vote`); the regions come with the image (``predict(...,
+            regions=)``) or from SAM 2's automatic masks (an auxiliary ``sam``). The
+            probabilities are left as they were.
     """
 
     short_side: int = 336
@@ -64,9 +87,15 @@ class Protocol:
     pamr_steps: int = 0
     pamr_dilations: tuple[int, ...] = (8, 16)
     tlp: TLPConfig | None = None
+    window_multiple: int = 0
+    cliper: CLIPerProtocol | None = None
+    trident: TridentProtocol | None = None
+    sam_refine: SAMRefineConfig | None = None
+    region_vote: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("short_side", "long_side", "slide_crop", "slide_stride", "pamr_steps"):
+        integers = ("short_side", "long_side", "slide_crop", "slide_stride", "pamr_steps", "window_multiple")
+        for name in integers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an integer, got {value!r}")
@@ -95,8 +124,29 @@ class Protocol:
             raise ValueError(f"area_thd must be None or in [0, 1], got {self.area_thd}")
         if self.pamr_steps < 0:
             raise ValueError(f"pamr_steps must be >= 0, got {self.pamr_steps}")
+        if self.window_multiple < 0:
+            raise ValueError(f"window_multiple must be >= 0 (0 = no padding), got {self.window_multiple}")
         if self.tlp is not None and not isinstance(self.tlp, TLPConfig):
             raise TypeError(f"tlp must be a resclip.tlp.TLPConfig or None, got {self.tlp!r}")
+        if self.cliper is not None:
+            if not isinstance(self.cliper, CLIPerProtocol):
+                raise TypeError(
+                    f"cliper must be a resclip.cliper_protocol.CLIPerProtocol or None, got {self.cliper!r}")
+            if self.pamr_steps or self.tlp is not None or self.sam_refine is not None:
+                raise ValueError("the cliper pipeline has its own refinement: use pamr_steps=0, tlp=None and "
+                                 "sam_refine=None with it")
+        if self.trident is not None:
+            if not isinstance(self.trident, TridentProtocol):
+                raise TypeError(
+                    f"trident must be a resclip.trident.TridentProtocol or None, got {self.trident!r}")
+            if self.pamr_steps or self.tlp is not None or self.area_thd is not None:
+                raise ValueError("the trident pipeline refines with SAM only: use pamr_steps=0, tlp=None and "
+                                 "area_thd=None with it")
+            if self.cliper is not None:
+                raise ValueError("choose one image pipeline: cliper or trident, not both")
+        if self.sam_refine is not None and not isinstance(self.sam_refine, SAMRefineConfig):
+            raise TypeError(
+                f"sam_refine must be a resclip.trident.SAMRefineConfig or None, got {self.sam_refine!r}")
 
 
 QUERY_BLOCK = 64  # above this many queries, sums over queries run in this fixed order (see query_sum)

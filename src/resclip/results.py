@@ -21,7 +21,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from .classes import ClassSpec
-    from .fullres import FullResolution
+    from .fullres import FixedMaps, FullResolution
     from .segmenter import SegResult
 
 __all__ = [
@@ -152,7 +152,7 @@ def probs_bytes(probs: np.ndarray, names: Sequence[str]) -> bytes:
     return buf.getvalue()
 
 
-def confidence(full: FullResolution) -> np.ndarray:
+def confidence(full: FullResolution | FixedMaps) -> np.ndarray:
     """``(H, W)`` float32 probability of each pixel's most probable class (class probabilities
     renormalised over classes, band by band: never the whole ``(C, H, W)`` map at once)."""
     from .protocol import renormalise

@@ -36,10 +36,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default_preset: str 
         help="base attention (default: naclip); 'resclip' is naclip with RCS and SFR",
     )
     g.add_argument(
-        "--rcs", action=argparse.BooleanOptionalAction, default=True, help="apply RCS (default: on)"
+        "--rcs", action=argparse.BooleanOptionalAction, default=None,
+        help="apply RCS (default: on wherever it can act; off for a preset with its own image pipeline)"
     )
     g.add_argument(
-        "--sfr", action=argparse.BooleanOptionalAction, default=True, help="apply SFR (default: on)"
+        "--sfr", action=argparse.BooleanOptionalAction, default=None,
+        help="apply SFR (default: on wherever it can act, as --rcs; off for MaskCLIP)"
     )
     g.add_argument(
         "--preset",
@@ -71,7 +73,8 @@ SET_HELP = "override a setting, e.g. --set prob_thd=0.2 --set lambda_rcs=0.5 (re
 
 
 def add_runtime_arguments(group: Any, set_help: str = SET_HELP) -> None:
-    """Add --device, --precision, --window-batch and repeated --set KEY=VALUE to an argument group."""
+    """Add --device, --precision, --window-batch, repeated --set KEY=VALUE and repeated
+    --aux-pretrained KIND=SOURCE to an argument group."""
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: auto)")
     group.add_argument(
         "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: fp32)"
@@ -82,6 +85,37 @@ def add_runtime_arguments(group: Any, set_help: str = SET_HELP) -> None:
     group.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help
     )
+    group.add_argument(
+        "--aux-pretrained",
+        dest="aux_pretrained",
+        action="append",
+        default=[],
+        metavar="KIND=SOURCE",
+        help="an auxiliary model for the methods that read one (kinds: dino, sam), e.g. "
+        "--aux-pretrained dino=dino_vitb8_pretrain.pth for proxyclip (repeatable)",
+    )
+
+
+def parse_aux_pretrained(items: list[str]) -> dict[str, str]:
+    """``KIND=SOURCE`` strings (``--aux-pretrained``) as ``{kind: source}``.
+
+    Raises:
+        UserError: not ``KIND=SOURCE``, an unknown kind, or a kind given twice.
+    """
+    from ..auxiliary import AUX_KINDS
+
+    out: dict[str, str] = {}
+    for item in items:
+        kind, sep, source = item.partition("=")
+        kind, source = kind.strip().lower(), source.strip()
+        if not sep or not kind or not source:
+            raise UserError(f"--aux-pretrained expects KIND=SOURCE (e.g. dino=PATH), got {item!r}")
+        if kind not in AUX_KINDS:
+            raise UserError(f"--aux-pretrained: unknown kind {kind!r}; known kinds: {', '.join(AUX_KINDS)}")
+        if kind in out:
+            raise UserError(f"--aux-pretrained {kind}= is given twice")
+        out[kind] = source
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -123,7 +157,7 @@ def segmenter_from_args(args: argparse.Namespace, overrides: dict[str, Any] | No
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     warn_precision(resolve_device(args.device).type, args.precision)
     rcs, sfr = args.rcs, args.sfr
-    if args.method == METHOD_ALIAS and not (rcs and sfr):
+    if args.method == METHOD_ALIAS and (rcs is False or sfr is False):
         raise UserError("--method resclip is naclip with RCS and SFR; "
                         "use --method naclip with --no-rcs / --no-sfr instead")
     return create_segmenter(
@@ -137,6 +171,7 @@ def segmenter_from_args(args: argparse.Namespace, overrides: dict[str, Any] | No
         precision=args.precision,
         fidelity=args.fidelity,
         window_batch=args.window_batch,
+        aux_pretrained=parse_aux_pretrained(args.aux_pretrained),
         **{**parse_overrides(args.overrides), **(overrides or {})},
     )
 

@@ -18,7 +18,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from .common import METHOD_ALIAS, UserError, add_model_arguments, parse_overrides
+from .common import METHOD_ALIAS, UserError, add_model_arguments, parse_aux_pretrained, parse_overrides
 
 NAME = "demo"
 HELP = "serve the web demo (needs the optional 'demo' extra: pip install 'resclip[demo]')"
@@ -87,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, pretrained=pretrained, device=args.device, precision=args.precision,
         preset=args.preset, fidelity=args.fidelity, window_batch=args.window_batch,
         overrides=tuple(sorted(parse_overrides(args.overrides).items())),
+        aux_pretrained=tuple(sorted(parse_aux_pretrained(args.aux_pretrained).items())),
         method="naclip" if args.method == METHOD_ALIAS else args.method,  # 'resclip': naclip + RCS + SFR
-        rcs=args.rcs, sfr=args.sfr, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+        rcs=args.rcs is not False, sfr=args.sfr is not False, max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
         max_classes=args.max_classes, concurrency=args.concurrency,
     )
     where = f"http://{args.host}:{args.port}" + (" and a public Gradio link" if args.share else "")

@@ -17,6 +17,7 @@ from .common import (
     UserError,
     add_model_arguments,
     cli_warnings,
+    parse_aux_pretrained,
     parse_overrides,
     warn_precision,
 )
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--num-actors must be >= 1, got {args.num_actors}")
     if args.address and args.engine != "ray":
         raise UserError("--address is for --engine ray; add --engine ray")
-    if args.method == METHOD_ALIAS and not (args.rcs and args.sfr):
+    if args.method == METHOD_ALIAS and (args.rcs is False or args.sfr is False):
         raise UserError("--method resclip is naclip with RCS and SFR; "
                         "use --method naclip with --no-rcs / --no-sfr instead")
     spec = load_classes(args.classes, args.class_file)
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         pretrained=None if str(args.pretrained).lower() == "none" else args.pretrained,
         device=args.device, precision=args.precision, fidelity=args.fidelity,
         window_batch=args.window_batch, overrides=tuple(sorted(overrides.items())),
+        aux_pretrained=tuple(sorted(parse_aux_pretrained(args.aux_pretrained).items())),
     )
     options = LabelOptions(
         save_masks=args.save_masks, palette=args.palette, workers=args.workers, engine=args.engine,

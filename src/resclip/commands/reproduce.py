@@ -1,4 +1,4 @@
-"""`resclip reproduce --table 1|2|3|4|A1|A2|sc_clip|pearl|cliper`: rerun a paper table (ResCLIP's, or
+"""`resclip reproduce --table 1|2|3|4|A1|A2|sc_clip|sfp|pearl|cliper`: rerun a paper table (ResCLIP's, or
 another method's main results), ours vs. printed, per cell."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .common import (
     add_runtime_arguments,
     check_run_args,
     evaluation_options,
+    parse_aux_pretrained,
     parse_overrides,
 )
 
@@ -215,6 +216,7 @@ class Runner:
                 device=self.args.device,
                 precision=self.args.precision,
                 window_batch=self.args.window_batch,
+                aux_pretrained=parse_aux_pretrained(self.args.aux_pretrained),
                 **overrides,
             )
         except (RuntimeError, OSError) as err:

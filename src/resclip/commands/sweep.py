@@ -152,11 +152,11 @@ def run(args: argparse.Namespace) -> int:
     list_samples(spec, args.root, args.limit)  # fail on missing data before loading a model
     if args.preset == DATASET_DEFAULT:
         args.preset = spec.default_preset
-    if not args.rcs and {"lambda_rcs", "rcs_layers"} & set(keys):
+    if args.rcs is False and {"lambda_rcs", "rcs_layers"} & set(keys):
         print(
             "resclip: warning: RCS is off (--no-rcs); lambda_rcs / rcs_layers change nothing", file=sys.stderr
         )
-    if not args.sfr and "lambda_sfr" in keys:
+    if args.sfr is False and "lambda_sfr" in keys:
         print("resclip: warning: SFR is off (--no-sfr); lambda_sfr changes nothing", file=sys.stderr)
     out = Path(args.output or f"sweep-{spec.name}.csv")
     base = parse_overrides(args.overrides)

@@ -149,7 +149,9 @@ def evaluate(
     local = ConfusionMatrix(spec.num_classes)
     for entry in new.values():
         local.add_sparse(entry.flat, entry.counts)
-    total = prior.matrix + (all_reduce(local.matrix, seg.device) if dist.world_size > 1 else local.matrix)
+    mine_counts = local.stacked()
+    stacked = prior.stacked() + (all_reduce(mine_counts, seg.device) if dist.world_size > 1 else mine_counts)
+    total, unassigned = stacked[:, :-1], stacked[:, -1]
     _finish(store, dist)
     return EvalResult(
         dataset=spec,
@@ -157,7 +159,7 @@ def evaluate(
         class_names=["background", *classes.names[1:]] if spec.background else list(classes.names),
         class_file=cls_path,
         confusion=total,
-        metrics=_metrics(total, spec, root, len(samples)),
+        metrics=_metrics(total, unassigned, spec, root, len(samples)),
         num_images=len(samples),
         reused_images=len(samples) - len(todo),
         config=seg.config.to_dict(),
@@ -166,6 +168,7 @@ def evaluate(
         limit=limit,
         elapsed_s=time.time() - started,
         state_key=key,
+        unassigned=unassigned,
     )
 
 
@@ -176,8 +179,9 @@ def _encode(seg: Segmenter, lines: list[str], shipped: bool) -> tuple[ClassSpec,
         return seg.encode_classes(lines)
 
 
-def _metrics(total: np.ndarray, spec: DatasetSpec, root: str | os.PathLike[str], images: int) -> SegMetrics:
-    metrics = compute_metrics(total)
+def _metrics(total: np.ndarray, unassigned: np.ndarray, spec: DatasetSpec, root: str | os.PathLike[str],
+             images: int) -> SegMetrics:
+    metrics = compute_metrics(total, unassigned)
     if not math.isfinite(metrics.miou):
         raise DatasetError(
             f"{spec.name} at {str(root)!r}: the {images} scored image(s) have no labelled pixel "

@@ -58,6 +58,8 @@ class EvalResult:
         limit: ``--limit`` (None = all images).
         elapsed_s: wall time of this run.
         state_key: key of the saved progress.
+        unassigned: ``(C,)`` int64 pixels of each true class that got no class (a method that can
+            leave pixels unassigned, e.g. CLIPer's pipeline on a dataset without background), or None.
     """
 
     dataset: DatasetSpec
@@ -75,6 +77,7 @@ class EvalResult:
     elapsed_s: float
     state_key: str
     extra: dict[str, Any] = field(default_factory=dict)
+    unassigned: np.ndarray | None = None
 
     @property
     def miou(self) -> float:
@@ -116,6 +119,8 @@ class EvalResult:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **self.extra,
             "confusion_matrix": self.confusion.tolist(),
+            **({"unassigned_pixels": self.unassigned.tolist()}
+               if self.unassigned is not None and self.unassigned.any() else {}),
         }
 
 

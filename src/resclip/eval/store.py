@@ -254,7 +254,9 @@ def _valid_counts(entry: Entry, num_classes: int) -> bool:
     flat, counts = entry.flat, entry.counts
     if len(flat) != len(counts):
         return False
-    return not len(flat) or bool(flat.min() >= 0 and flat.max() < num_classes**2 and counts.min() >= 0)
+    # gt * C + pred, or C * C + gt for a pixel given no class
+    return not len(flat) or bool(flat.min() >= 0 and flat.max() < num_classes**2 + num_classes
+                                 and counts.min() >= 0)
 
 
 def _prediction_matches(path: Path, digest: str) -> bool:

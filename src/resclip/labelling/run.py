@@ -54,8 +54,8 @@ class ModelSpec:
     """
 
     method: str = "naclip"
-    rcs: bool = True
-    sfr: bool = True
+    rcs: bool | None = None  # None: wherever it can act (resclip.factory.default_modules)
+    sfr: bool | None = None
     preset: str = "default"
     model: str | None = None
     pretrained: str | None = "openai"
@@ -64,6 +64,7 @@ class ModelSpec:
     fidelity: str | None = None
     window_batch: int = 8
     overrides: tuple[tuple[str, Any], ...] = ()
+    aux_pretrained: tuple[tuple[str, str], ...] = ()  # (kind, source) of DINO / SAM models
 
     def create(self, device: str | None = None) -> Segmenter:
         """The segmenter, on ``device`` (default: :attr:`device`)."""
@@ -72,7 +73,8 @@ class ModelSpec:
         return create_segmenter(
             method=self.method, rcs=self.rcs, sfr=self.sfr, preset=self.preset, model=self.model,
             pretrained=self.pretrained, device=device or self.device, precision=self.precision,
-            fidelity=cast(Any, self.fidelity), window_batch=self.window_batch, **dict(self.overrides),
+            fidelity=cast(Any, self.fidelity), window_batch=self.window_batch,
+            aux_pretrained=dict(self.aux_pretrained), **dict(self.overrides),
         )
 
 
@@ -473,8 +475,8 @@ def label(
     out: str | os.PathLike[str],
     *,
     method: str = "naclip",
-    rcs: bool = True,
-    sfr: bool = True,
+    rcs: bool | None = None,
+    sfr: bool | None = None,
     preset: str = "default",
     model: str | None = None,
     pretrained: str | None = "openai",

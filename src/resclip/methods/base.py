@@ -22,13 +22,21 @@ stages, each a small override (the defaults are exactly the plain path):
   forms its attention, so both modules compose with it without knowing it;
 * logit refinement stays the protocol's (PAMR, TLP, thresholds), shared by every method; a preset
   may set a method's own fields per dataset (``Preset.method_options``, e.g. PEARL's ``alpha_kk``).
+
+A method may read auxiliary models next to CLIP (a vision foundation model such as DINO or SAM): it
+names their kinds in :attr:`BaseAttention.aux_models` (or :meth:`BaseAttention.required_aux` when a
+field chooses them); the engine refuses to run it without them and hands them, loaded once per process
+by :func:`resclip.auxiliary.load_aux`, to its last stage as ``StageContext.aux`` together with the window
+images (``StageContext.crops``). Such a stage may put its tokens on a grid of its own
+(``StageContext.out_grid``, see :meth:`BaseAttention.out_patch`); RCS and SFR, which mix attention on
+the CLIP grid, compose with it only where the two grids coincide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -81,6 +89,21 @@ class BaseAttention:
 
     # ---- optional stages (the defaults are the plain path) ----
     replaces_last_block = False  # True: :meth:`last_stage` replaces the standard last block
+    uses_regions = False  # True: the stage reads the image's instance map (:meth:`image_regions`)
+    #: kinds of auxiliary models the last stage reads from ``StageContext.aux`` (``("dino",)``); see
+    #: :data:`resclip.auxiliary.AUX_KINDS`
+    aux_models: ClassVar[tuple[str, ...]] = ()
+
+    def required_aux(self) -> tuple[str, ...]:
+        """The auxiliary model kinds this instance reads (default :attr:`aux_models`; a method whose
+        field chooses its model, e.g. ProxyCLIP's ``vfm``, overrides it)."""
+        return self.aux_models
+
+    def out_patch(self, clip_patch: int, aux: Mapping[str, Any]) -> int | None:
+        """Pixel stride of the last stage's output grid for a CLIP with patch ``clip_patch`` and the
+        loaded auxiliary models ``aux``: ``clip_patch`` (the CLIP grid, the default), another stride,
+        or None for a grid of fixed size whatever the window (e.g. SAM's 64 x 64)."""
+        return clip_patch
 
     def trunk_blocks(self, num_blocks: int) -> tuple[int, ...]:
         """0-based indices (< ``num_blocks - 1``) of the trunk blocks whose outputs the method reads."""
@@ -94,6 +117,10 @@ class BaseAttention:
         """Projected patch tokens ``(B, h*w, D)`` (no CLS) from the trunk; only when
         ``replaces_last_block``."""
         raise NotImplementedError(f"method {self.name!r} uses the standard last block")
+
+    def image_regions(self, rgb: Any, aux: Mapping[str, Any]) -> torch.Tensor:
+        """``(H, W)`` int64 instance map of an ``(H, W, 3)`` uint8 image (only with ``uses_regions``)."""
+        raise NotImplementedError(f"method {self.name!r} reads no instance map")
 
     def for_fidelity(self, fidelity: str) -> BaseAttention:
         """This method with its release-vs-paper switches set for ``fidelity`` (default: itself)."""
@@ -110,8 +137,19 @@ class StageContext:
         mix_scores: applies SFR to one pre-softmax ``(B, h, N, N)`` score term over patch tokens
             (identity without SFR); ``heads`` selects the heads the term belongs to.
         mix_attention: applies RCS to a post-softmax ``(B, h, N, N)`` patch attention (identity
-            without RCS), same ``heads`` argument.
+            without RCS), same ``heads`` argument; a ``(B, 1, N, N)`` map shared by every head is
+            expanded to the heads when RCS mixes it.
         trace: a dict the stage fills with its named intermediates, or None.
+        crops: ``(B, 3, Hc, Wc)`` the window images, CLIP-normalised (what the trunk saw).
+        regions: ``(B, Hc, Wc)`` int64 the windows' crops of the image's instance map (a method with
+            ``uses_regions``: CorrCLIP's SAM 2 masks), or None.
+        aux: the loaded auxiliary models by kind (``{"dino": model}``), those the method declared.
+        out_grid: the ``(h', w')`` grid of the stage's output tokens when it is not the CLIP grid
+            (the stage sets it); None = the trunk's grid.
+        memo: scratch shared by the passes of one engine call (SFR's first pass and the final
+            pass see the same windows), e.g. auxiliary features computed once.
+        explicit: the engine's ``trunk_attention == "explicit"``: form attention maps (also an
+            auxiliary model's) explicitly, as the released code, rather than with fused kernels.
     """
 
     visual: Any
@@ -119,6 +157,12 @@ class StageContext:
     mix_scores: Callable[[torch.Tensor, slice], torch.Tensor]
     mix_attention: Callable[[torch.Tensor, slice], torch.Tensor]
     trace: dict[str, torch.Tensor] | None = None
+    crops: torch.Tensor | None = None
+    aux: Mapping[str, Any] = field(default_factory=dict)
+    out_grid: tuple[int, int] | None = None
+    memo: dict[str, Any] = field(default_factory=dict)
+    explicit: bool = False
+    regions: torch.Tensor | None = None
 
 
 _REGISTRY: dict[str, BaseAttention] = {}
