@@ -221,3 +221,34 @@ def test_every_model_command_takes_the_option(command, capsys):
 def test_kinds_in_the_help_follow_the_registry():
     source = (Path(resclip.__file__).parent / "commands" / "common.py").read_text(encoding="utf-8")
     assert f"(kinds: {', '.join(aux.AUX_KINDS)})" in source
+
+
+FIXTURES = GOLDEN / "aux"
+AUX_BY_METHOD = {
+    "proxyclip": {"dino": FIXTURES / "dino_vitb8_tiny_fp16.pth"},
+    "trident": {"dino": FIXTURES / "dino_vitb16_tiny_fp16.pth", "sam": FIXTURES / "sam_vit_tiny_fp16.pth"},
+    "corrclip": {"dino": FIXTURES / "dino_vitb8_tiny_fp16.pth", "sam": FIXTURES / "sam2_hiera_tiny_fp16.pt"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("method", list(AUX_BY_METHOD))
+def test_second_model_methods_run_in_low_precision(golden_ckpt_b16, photo, method, precision):
+    """Each method with a second model, under its own preset, in bf16 / fp16: finite probabilities
+    that sum to 1 (SAM's encoder stays fp32 on a CPU, see resclip.sam)."""
+    import warnings
+
+    import numpy as np
+
+    import resclip
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*custom ViT")
+        seg = resclip.create_segmenter(method, preset=f"{method}/voc21", pretrained=str(golden_ckpt_b16),
+                                       aux_pretrained=AUX_BY_METHOD[method], precision=precision,
+                                       text_cache=False, short_side=224)
+    emb = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)
+    res = seg.predict(photo, ["background", "cat", "tree"], embeddings=emb)
+    assert res.mask.shape == photo.shape[:2] and np.isfinite(res.probs).all()
+    np.testing.assert_allclose(res.probs.sum(axis=0), 1.0, atol=1e-3)

@@ -860,7 +860,7 @@ def test_same_input_same_bits_across_processes(tiny_ckpt, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- low precision
-# CLIP-only methods: low precision with a second model (DINO / SAM) is not covered yet
+# CLIP-only methods (with a second model: test_auxiliary.py, test_second_model_methods_run_in_low_precision)
 COMBOS = [
     (m, r, s)
     for m in resclip.list_methods()
