@@ -165,3 +165,12 @@ def test_bench_predict_rejects_unknown_names(bad: list[str]) -> None:
         [sys.executable, str(BENCH / "bench_predict.py"), *bad], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0 and "unknown" in proc.stderr
+
+
+def test_bench_aux_parses_its_options() -> None:
+    """benchmarks/bench_aux.py (second-model methods, real-size random weights: minutes) imports the
+    shared bench_predict helpers and parses its options."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_aux.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--methods" in proc.stdout and "--keep-checkpoints" in proc.stdout

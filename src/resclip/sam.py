@@ -31,8 +31,9 @@ import hashlib
 import os
 import re
 import threading
+import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -79,6 +80,15 @@ _DECODER_HEADS = 8  # SAM's two-way transformer: 8 heads in every release (not v
 
 
 # ----------------------------------------------------------------------------------------- reading
+
+
+@contextlib.contextmanager
+def _quiet_sam2() -> Iterator[None]:
+    """sam2's transforms call ``torch.jit.script``, which this torch deprecates with a warning on
+    every predictor a user never asked about: silenced here, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
+        yield
 
 
 def _import(kind: str) -> Any:
@@ -559,7 +569,8 @@ class SamModel(nn.Module):
             return SamPredictor(self.model)
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-        return SAM2ImagePredictor(self.model)
+        with _quiet_sam2():
+            return SAM2ImagePredictor(self.model)
 
     def predictor(self, **kwargs: Any) -> Any:
         """Meta's ``SamPredictor`` / ``SAM2ImagePredictor`` (``kwargs`` go to the latter) whose
@@ -578,9 +589,10 @@ class SamModel(nn.Module):
         else:
             from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 
-            gen = SAM2AutomaticMaskGenerator(self.model, **kwargs)
-            area = kwargs.get("min_mask_region_area", 0)
-            gen.predictor = self.predictor(max_hole_area=area, max_sprinkle_area=area)
+            with _quiet_sam2():
+                gen = SAM2AutomaticMaskGenerator(self.model, **kwargs)
+                area = kwargs.get("min_mask_region_area", 0)
+                gen.predictor = self.predictor(max_hole_area=area, max_sprinkle_area=area)
         plain = gen.generate
 
         def generate(image: np.ndarray) -> list[dict[str, Any]]:
