@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import preprocess
+
 __all__ = [
     "PAD_LABEL",
     "PAINT_ORDERS",
@@ -182,8 +184,7 @@ def window_padding(h: int, w: int, multiple: int) -> tuple[int, int, int, int]:
     ``multiple`` on both sides (the smaller half on the left / top); zeros when it already is."""
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
-    dw, dh = -w % multiple, -h % multiple
-    return dw // 2, dw - dw // 2, dh // 2, dh - dh // 2
+    return preprocess.window_padding(h, w, multiple)
 
 
 def window_regions(labels: torch.Tensor, box: tuple[int, int, int, int],

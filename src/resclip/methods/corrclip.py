@@ -25,14 +25,15 @@ instance map (``regions``, :func:`resclip.corrclip.window_regions`; its smallest
 * tokens ``proj(ln_post(main) + alpha ln_post(spatial) + beta ln_post(semantic))`` on the DINO grid
   (``StageContext.out_grid``), alpha 1, beta 0.5.
 
-The image-level parts (SAM 2 masks, resizing and cropping them to windows, padding windows to a
-multiple of 56, the final vote) are in :mod:`resclip.corrclip`; the window's regions reach the stage
-as ``StageContext.regions`` ``(B, Hc, Wc)``.
+The image-level parts (SAM 2 masks, resizing and cropping them to windows, the final vote) are in
+:mod:`resclip.corrclip`; the window's regions reach the stage as ``StageContext.regions``
+``(B, Hc, Wc)``. The padding of windows to a multiple of 56 and the vote are protocol settings
+(``Protocol.window_multiple``, ``Protocol.region_vote``, on in the ``corrclip/<dataset>`` presets).
 
 Release facts kept as fields (official value = the release's): ``unsegmented_scope`` ``"either"`` (a
 pair with one unsegmented end may attend above the mean similarity; the release comments that
 ``"both"``, both ends unsegmented, was slightly worse), the smallest label of a window counts as
-unsegmented even when it is a real mask, ``window_multiple`` 56; the one release-vs-paper difference
+unsegmented even when it is a real mask; the one release-vs-paper difference
 is the mask generator's ``points_per_side``, official 8 (the release's on-line SAM 2) / paper 32 (the
 pre-generated masks its README says reproduce the paper), :class:`resclip.corrclip.MaskGeneratorConfig`.
 DINO's attention is formed explicitly as in the hub code (:func:`dino_qk_features`): a fused kernel
@@ -275,9 +276,6 @@ class CorrCLIP(BaseAttention):
         merge_eps: DBSCAN radius of the region merging (on ``max(sim) - sim``).
         merge_min_samples: DBSCAN ``min_samples``.
         unsegmented_scope: ``"either"`` (release) / ``"both"``, see :func:`scope_mask`.
-        window_multiple: windows are padded (centred, zeros; regions :data:`~resclip.corrclip.PAD_LABEL`)
-            to a multiple of this many pixels (56 = lcm(8, 14), the release's).
-        vote: correct the final mask with the instance map (:func:`resclip.corrclip.vote`).
         masks: where the instance maps come from: ``"sam2"`` (SAM 2's automatic mask generator, the
             ``sam`` auxiliary model) or ``"given"`` (passed with each image, e.g. pre-generated ones).
         points_per_side, pred_iou_thresh, stability_score_thresh, multimask_output, paint_order: SAM 2's
@@ -291,8 +289,6 @@ class CorrCLIP(BaseAttention):
     merge_eps: float = 0.2
     merge_min_samples: int = 1
     unsegmented_scope: str = "either"
-    window_multiple: int = 56
-    vote: bool = True
     masks: str = "sam2"
     points_per_side: int = 8  # official 8, paper 32
     pred_iou_thresh: float = 0.4
@@ -313,8 +309,6 @@ class CorrCLIP(BaseAttention):
             raise ValueError(f"corrclip masks must be one of {MASK_SOURCES}, got {self.masks!r}")
         if not self.tau > 0:
             raise ValueError(f"corrclip tau must be > 0, got {self.tau}")
-        if self.window_multiple < 1:
-            raise ValueError(f"corrclip window_multiple must be >= 1, got {self.window_multiple}")
         _ = self.generator  # validates the generator settings (one-line ValueError)
 
     @property

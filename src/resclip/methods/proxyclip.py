@@ -49,20 +49,21 @@ from .base import BaseAttention, StageContext, register_method
 VFMS = ("dino", "sam")
 
 
-def proxy_scores(tokens: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+def proxy_scores(tokens: torch.Tensor, beta: float, gamma: float, per_window: bool = True) -> torch.Tensor:
     """Normalised, masked proxy scores.
 
     Args:
         tokens: ``(B, M, C')`` VFM patch tokens.
+        per_window: the mean of each window over its ``M x M`` entries (ProxyCLIP); False: one mean
+            over all ``B M M`` entries (Trident, whose ``B`` windows are the sub-images of one image).
 
     Returns:
-        ``(B, M, M)`` float32 ``gamma * (cos - beta * mean(cos))`` with the mean per window over all
-        ``M x M`` entries, negative entries ``-inf``; a row without any entry >= 0 keeps 0 on its
-        diagonal (see the module docstring).
+        ``(B, M, M)`` float32 ``gamma * (cos - beta * mean(cos))``, negative entries ``-inf``; a row
+        without any entry >= 0 keeps 0 on its diagonal (see the module docstring).
     """
     x = F.normalize(tokens.float(), dim=-1)
     sim = torch.bmm(x, x.transpose(1, 2))
-    mean = sim.mean(dim=(1, 2), keepdim=True)
+    mean = sim.mean(dim=(1, 2), keepdim=True) if per_window else torch.mean(sim)
     scores = (sim - mean * beta) * gamma
     dead = scores.amax(dim=-1) < 0  # (B, M): the release's softmax would give NaN there
     scores = scores.masked_fill_(scores < 0.0, float("-inf"))

@@ -57,15 +57,7 @@ def image_proxy_scores(tokens: torch.Tensor, beta: float, gamma: float) -> torch
         entries, negative entries ``-inf``; a row without an entry >= 0 keeps 0 on its diagonal (as
         :func:`resclip.methods.proxyclip.proxy_scores`; the release gives NaN there).
     """
-    x = F.normalize(tokens.float(), dim=-1)
-    sim = torch.bmm(x, x.transpose(1, 2))
-    scores = (sim - torch.mean(sim) * beta) * gamma
-    dead = scores.amax(dim=-1) < 0
-    scores = scores.masked_fill_(scores < 0.0, float("-inf"))
-    if bool(dead.any()):
-        b, m = torch.nonzero(dead, as_tuple=True)
-        scores[b, m, m] = 0.0
-    return scores
+    return proxy_scores(tokens, beta, gamma, per_window=False)
 
 
 def affinity_thresholds(cos: torch.Tensor, cos_fac: float, refine_neg_cos: bool, neg_fallback: float,
