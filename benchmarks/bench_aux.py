@@ -35,7 +35,9 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +52,15 @@ from bench_predict import (  # the benchmarks folder is not a package: sys.path 
     _random_embeddings,
     _setup_child,
     child_env,
-    cpu_seconds,
     current_rss_bytes,
     load_average,
     machine_info,
     machine_slug,
-    maxrss_bytes,
+    measure_call,
     measure_in_child,
     mib,
     package_versions,
-    page_faults,
     parse_size,
-    psi_stall_us,
-    reset_peak_rss,
     run_child,
     source_state,
     split_list,
@@ -174,61 +172,52 @@ def child_aux(spec: dict[str, Any]) -> dict[str, Any]:
     image = synthetic_image(h, w, spec["seed"])
     rss_start = current_rss_bytes()
     loads: dict[str, Any] = {}
-    for kind, source in spec["aux_pretrained"].items():  # cached: create_segmenter reuses these models
+
+    def timed_load(name: str, source: str, load: Callable[[], Any]) -> Any:
         before, t0 = current_rss_bytes(), time.perf_counter()
-        load_aux(kind, source, device=spec["device"], precision=spec["precision"])
-        loads[kind] = {
-            "source": Path(source).name,
-            "load_s": round(time.perf_counter() - t0, 2),
-            "rss_added_mib": mib(current_rss_bytes() - before),
-        }
-    before, t0 = current_rss_bytes(), time.perf_counter()
-    seg = _make_segmenter(spec, rcs=spec["rcs"], sfr=spec["sfr"])
-    loads["clip+segmenter"] = {
-        "source": f"{spec['model']} random (pretrained=None)",
-        "load_s": round(time.perf_counter() - t0, 2),
-        "rss_added_mib": mib(current_rss_bytes() - before),
-    }
+        out = load()
+        loads[name] = {"source": source, "load_s": round(time.perf_counter() - t0, 2),
+                       "rss_added_mib": mib(current_rss_bytes() - before)}
+        return out
+
+    for kind, source in spec["aux_pretrained"].items():  # cached: create_segmenter reuses these models
+        timed_load(kind, Path(source).name,
+                   partial(load_aux, kind, source, device=spec["device"], precision=spec["precision"]))
+    seg = timed_load("clip+segmenter", f"{spec['model']} random (pretrained=None)",
+                     lambda: _make_segmenter(spec, rcs=spec["rcs"], sfr=spec["sfr"]))
     lines = read_class_file(_class_file(spec["classes"]))
     classes = parse_classes(lines)
     emb = _random_embeddings(classes.num_queries, seg.embed_dim, spec["seed"])
     rss_models = current_rss_bytes()
-    peak_before = maxrss_bytes()
-    reset_ok = reset_peak_rss()
-    faults0, c0, p0 = page_faults(), cpu_seconds(), psi_stall_us()
-    load_before = load_average()
-    t0 = time.perf_counter()
     with torch.inference_mode():
-        result = seg.predict(image, lines, embeddings=emb)
-    predict_s = time.perf_counter() - t0
-    p1, cpu_s, faults1 = psi_stall_us(), cpu_seconds() - c0, page_faults()
-    predict_peak = maxrss_bytes()
+        result, m = measure_call(lambda: seg.predict(image, lines, embeddings=emb))
+    predict_peak = m.peak
     mask = result.mask
     return {
         "status": "ok",
         "method": spec["method"],
         "preset": spec["preset"],
         "size_hw": [h, w],
-        "predict_s": round(predict_s, 2),
-        "predict_cpu_s": round(cpu_s, 2),
-        "stall": round((p1 - p0) / 1e6 / predict_s, 3) if p0 is not None and p1 is not None else None,
+        "predict_s": round(m.wall_s, 2),
+        "predict_cpu_s": round(m.cpu_s, 2),
+        "stall": m.stall,
         "num_queries": classes.num_queries,
         "mask": {"shape": list(mask.shape), "labels_present": len(set(mask.ravel().tolist()))},
         "loads": loads,
         "memory": {
             "rss_start_mib": mib(rss_start),
             "rss_models_mib": mib(rss_models),
-            "peak_before_predict_mib": mib(peak_before),
-            "peak_rss_mib": mib(max(peak_before, predict_peak)),
+            "peak_before_predict_mib": mib(m.peak_before),
+            "peak_rss_mib": mib(max(m.peak_before, predict_peak)),
             "predict_peak_rss_mib": mib(predict_peak),
             "predict_peak_over_models_mib": mib(predict_peak - rss_models),
-            "peak_reset_before_predict": reset_ok,
-            "minor_faults": faults1[0] - faults0[0],
-            "major_faults": faults1[1] - faults0[1],
+            "peak_reset_before_predict": m.reset_ok,
+            "minor_faults": m.minor_faults,
+            "major_faults": m.major_faults,
         },
         "config": seg.config.to_dict(),
         "versions": _child_versions(),
-        "load": {"before": load_before, "after": load_average()},
+        "load": {"before": m.load_before, "after": load_average()},
     }
 
 

@@ -38,22 +38,18 @@ from bench_predict import (  # the benchmarks folder is not a package: sys.path 
     TEXT_NOTE,
     child_env,
     cpu_pressure,
-    cpu_seconds,
     current_rss_bytes,
     load_average,
     machine_info,
     machine_slug,
-    maxrss_bytes,
+    measure_call,
     measure_in_child,
     mib,
     package_versions,
-    page_faults,
     parse_env_assignments,
     parse_overrides,
     parse_size,
-    psi_stall_us,
     relevant_env,
-    reset_peak_rss,
     run_child,
     source_state,
     split_list,
@@ -124,29 +120,17 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
 
     seg.image_logits = timed_image_logits
     rss_before_predict = current_rss_bytes()
-    peak_before_predict = maxrss_bytes()
-    reset_ok = reset_peak_rss()
-    faults0 = page_faults()
-    c0 = cpu_seconds()
-    load_before = load_average()
-    p0 = psi_stall_us()
-    t0 = time.perf_counter()
-    result = seg.predict(image, lines, embeddings=emb)
-    if spec["device"].startswith("cuda"):
-        torch.cuda.synchronize()
-    predict_s = time.perf_counter() - t0
-    p1 = psi_stall_us()
-    cpu_s = cpu_seconds() - c0
-    faults1 = page_faults()
-    predict_peak = maxrss_bytes()
+    sync = torch.cuda.synchronize if spec["device"].startswith("cuda") else None
+    result, m = measure_call(lambda: seg.predict(image, lines, embeddings=emb), sync)
+    predict_s, predict_peak = m.wall_s, m.peak
     mask = result.mask
     out: dict[str, Any] = {
         "status": "ok",
         "size_hw": [h, w],
         "megapixels": round(h * w / 1e6, 2),
         "predict_s": round(predict_s, 2),
-        "predict_cpu_s": round(cpu_s, 2),
-        "stall": round((p1 - p0) / 1e6 / predict_s, 3) if p0 is not None and p1 is not None else None,
+        "predict_cpu_s": round(m.cpu_s, 2),
+        "stall": m.stall,
         "windows_s": round(parts.get("windows_s", 0.0), 2),
         "full_resolution_s": round(predict_s - parts.get("windows_s", 0.0), 2),
         "image_build_s": round(image_s, 2),
@@ -165,18 +149,18 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
             "image_mib": mib(image.nbytes),
             "rss_after_image_mib": mib(rss_after_image),
             "rss_before_predict_mib": mib(rss_before_predict),
-            "peak_before_predict_mib": mib(peak_before_predict),
-            "peak_rss_mib": mib(max(peak_before_predict, predict_peak)),
+            "peak_before_predict_mib": mib(m.peak_before),
+            "peak_rss_mib": mib(max(m.peak_before, predict_peak)),
             "predict_peak_rss_mib": mib(predict_peak),
             "predict_peak_over_before_mib": mib(predict_peak - rss_before_predict),
-            "peak_reset_before_predict": reset_ok,
-            "minor_faults": faults1[0] - faults0[0],
-            "major_faults": faults1[1] - faults0[1],
+            "peak_reset_before_predict": m.reset_ok,
+            "minor_faults": m.minor_faults,
+            "major_faults": m.major_faults,
         },
         "config": seg.config.to_dict(),
         "torch_num_threads": torch.get_num_threads(),
         "env": relevant_env(os.environ),
-        "load": {"before": load_before, "after": load_average(), "cpu_pressure": cpu_pressure()},
+        "load": {"before": m.load_before, "after": load_average(), "cpu_pressure": cpu_pressure()},
     }
     if spec["device"].startswith("cuda"):
         out["memory"]["cuda_peak_allocated_mib"] = mib(torch.cuda.max_memory_allocated())

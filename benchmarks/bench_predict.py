@@ -363,6 +363,39 @@ def load_average() -> list[float] | None:
         return None
 
 
+@dataclass
+class Measured:
+    """One call measured by :func:`measure_call` (bytes and seconds; stall None without Linux PSI)."""
+
+    wall_s: float
+    cpu_s: float
+    stall: float | None
+    peak_before: int  # ru_maxrss before the call (the process's peak so far)
+    peak: int  # ru_maxrss after it (since the reset when ``reset_ok``)
+    reset_ok: bool
+    minor_faults: int
+    major_faults: int
+    load_before: list[float] | None
+
+
+def measure_call(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> tuple[Any, Measured]:
+    """Run ``fn`` once with the peak-RSS mark reset first, measuring wall and CPU seconds, the share
+    of the wall time spent waiting for a CPU, page faults and the peak RSS (``sync`` waits for a GPU)."""
+    peak_before = maxrss_bytes()
+    reset_ok = reset_peak_rss()
+    faults0, c0, p0 = page_faults(), cpu_seconds(), psi_stall_us()
+    load_before = load_average()
+    t0 = time.perf_counter()
+    out = fn()
+    if sync is not None:
+        sync()
+    wall = time.perf_counter() - t0
+    p1, cpu_s, faults1 = psi_stall_us(), cpu_seconds() - c0, page_faults()
+    stall = round((p1 - p0) / 1e6 / wall, 3) if p0 is not None and p1 is not None else None
+    return out, Measured(wall, cpu_s, stall, peak_before, maxrss_bytes(), reset_ok,
+                         faults1[0] - faults0[0], faults1[1] - faults0[1], load_before)
+
+
 # ============================================================================== child side
 
 
