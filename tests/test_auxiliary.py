@@ -37,7 +37,8 @@ DINO16 = AUX / "dino_vitb16_tiny_fp16.pth"
 # ---------------------------------------------------------------- loading and sharing
 def test_sources_are_checked():
     assert aux.check_aux_sources({"DINO": DINO8}) == {"dino": str(DINO8)}
-    with pytest.raises(ValueError, match=r"^unknown auxiliary model kind 'clip'; known kinds: dino, sam$"):
+    with pytest.raises(ValueError,
+                       match=r"^unknown auxiliary model kind 'clip'; known kinds: dino, sam, mae$"):
         aux.check_aux_sources({"clip": "x.pt"})
     with pytest.raises(ValueError, match=r"aux_pretrained\['dino'\] must be a checkpoint path or a model"):
         aux.check_aux_sources({"dino": ""})
@@ -119,10 +120,16 @@ def test_dino_tokens_drop_trailing_pixels_as_the_hub_conv():
     assert grid == (5, 4) and torch.equal(tokens, same)
 
 
-def test_register_models_are_refused():
-    fake = types.SimpleNamespace(reg_token=torch.zeros(1, 4, 8))
-    with pytest.raises(ValueError, match="register tokens are not supported"):
-        aux.dino_tokens(fake, torch.zeros(1, 3, 16, 16))
+def test_register_models_load_as_the_hub_runs_them():
+    """A DINOv2-with-registers hub file through load_aux (its hub position resize is timm's own): the
+    tokens are the hub's (tests/test_dino.py has the recorded comparison) and the model is shared."""
+    v2reg = AUX / "dinov2_reg_tiny_fp16.pth"
+    model = aux.load_aux("dino", v2reg)
+    assert model.pos_embed_mode == "hub" and model.reg_token.shape == (1, 4, 128)
+    assert aux.load_aux("dino", v2reg) is model
+    x = torch.randn(1, 3, 70, 98)
+    tokens, grid = aux.dino_tokens(model, x)
+    assert grid == (5, 7) and torch.equal(tokens, model.forward_features(x)[:, 5:])
 
 
 # ---------------------------------------------------------------- the engine's side of the contract
@@ -202,7 +209,7 @@ def test_parse_aux_pretrained():
     assert parse_aux_pretrained([]) == {}
     assert parse_aux_pretrained(["DINO = a.pth", "sam=b=c.pth"]) == {"dino": "a.pth", "sam": "b=c.pth"}
     for bad, msg in (("dino", "expects KIND=SOURCE"), ("dino=", "expects KIND=SOURCE"),
-                     ("mae=x", "unknown kind 'mae'; known kinds: dino, sam")):
+                     ("clip=x", "unknown kind 'clip'; known kinds: dino, sam, mae")):
         with pytest.raises(UserError, match=msg):
             parse_aux_pretrained([bad])
     with pytest.raises(UserError, match="given twice"):
@@ -226,6 +233,7 @@ def test_kinds_in_the_help_follow_the_registry():
 FIXTURES = GOLDEN / "aux"
 AUX_BY_METHOD = {
     "proxyclip": {"dino": FIXTURES / "dino_vitb8_tiny_fp16.pth"},
+    "proxyclip_mae": {"mae": FIXTURES / "mae_tiny_fp16.pth"},
     "trident": {"dino": FIXTURES / "dino_vitb16_tiny_fp16.pth", "sam": FIXTURES / "sam_vit_tiny_fp16.pth"},
     "corrclip": {"dino": FIXTURES / "dino_vitb8_tiny_fp16.pth", "sam": FIXTURES / "sam2_hiera_tiny_fp16.pt"},
 }
@@ -245,7 +253,8 @@ def test_second_model_methods_run_in_low_precision(golden_ckpt_b16, photo, metho
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*custom ViT")
-        seg = resclip.create_segmenter(method, preset=f"{method}/voc21", pretrained=str(golden_ckpt_b16),
+        family = method.split("_")[0]  # proxyclip_mae runs under proxyclip/<dataset>
+        seg = resclip.create_segmenter(method, preset=f"{family}/voc21", pretrained=str(golden_ckpt_b16),
                                        aux_pretrained=AUX_BY_METHOD[method], precision=precision,
                                        text_cache=False, short_side=224)
     emb = np.random.default_rng(0).normal(size=(3, 64)).astype(np.float32)

@@ -363,3 +363,94 @@ def test_checkpoint_architecture_reads_shapes(tiny64: Path, tmp_path: Path, monk
     assert checkpoint_architecture(tiny64) == "ViT-Tiny-16"
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         checkpoint_architecture(tmp_path / "none.pt")
+
+
+# ---------------------------------------------------------------- instance maps from a folder (--regions)
+AUX = Path(__file__).parent / "data" / "golden" / "aux"
+CORRCLIP = ["--method", "corrclip", "--preset", "corrclip/voc21", "--aux-pretrained",
+            f"dino={AUX / 'dino_vitb16_tiny_fp16.pth'}", "--set", "short_side=64", "--device", "cpu",
+            "--no-rcs", "--no-sfr",
+            "--no-progress"]
+
+
+def _region_files(root: Path, folder: Path, shift: int = 0) -> dict[str, np.ndarray]:
+    """One CorrCLIP-style ``<stem>.npz`` (key instance_mask) per image of ``root``: three bands."""
+    folder.mkdir(parents=True, exist_ok=True)
+    maps = {}
+    for path in sorted((root / "JPEGImages").glob("*.jpg")):
+        with Image.open(path) as img:
+            w, h = img.size
+        m = np.zeros((h, w), np.int32)
+        m[: h // 3 + shift] = 1
+        m[h // 3 + shift : 2 * h // 3] = 2
+        np.savez_compressed(folder / f"{path.stem}.npz", instance_mask=m)
+        maps[path.stem] = m
+    return maps
+
+
+@pytest.mark.slow
+def test_eval_reads_instance_maps_from_a_folder(small_voc: Path, golden_ckpt_b16: Path, tmp_path: Path,
+                                                 capsys):
+    """`eval --regions DIR` (CorrCLIP's pre-generated-mask mode): no SAM 2 is needed, each image's map
+    reaches predict() (the saved predictions are those of predict(regions=map)), a changed map is
+    scored again on resume, and another folder is another saved run."""
+    import resclip
+
+    maps = _region_files(small_voc, tmp_path / "regions")
+    preds = tmp_path / "pred"
+    argv = ["eval", "--dataset", "voc21", "--root", str(small_voc), "--pretrained", str(golden_ckpt_b16),
+            *CORRCLIP,
+            "--regions", str(tmp_path / "regions"), "--save-predictions", str(preds),
+            "--state-dir", str(tmp_path / "state"), "--output", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    first = _json(tmp_path / "r.json")
+    assert first["protocol"]["method_fields"] == [["masks", "given"]]
+    assert "sam" not in dict(first["protocol"]["aux"])
+    with pytest.warns(UserWarning, match="custom ViT"):
+        seg = resclip.create_segmenter("corrclip", preset="corrclip/voc21", pretrained=str(golden_ckpt_b16),
+                                       device="cpu",
+                                       aux_pretrained={"dino": str(AUX / "dino_vitb16_tiny_fp16.pth")},
+                                       short_side=64, corrclip_masks="given", text_cache=False, rcs=False,
+                                       sfr=False)
+    lines = ev.benchmark_class_lines(ev.get_dataset_spec("voc21"))[0]
+    for stem, m in maps.items():
+        rgb = np.asarray(Image.open(small_voc / "JPEGImages" / f"{stem}.jpg").convert("RGB"))
+        want = seg.predict(rgb, lines, regions=m).mask
+        np.testing.assert_array_equal(np.asarray(Image.open(preds / f"{stem}.png")), want)
+    capsys.readouterr()
+    changed = next(iter(maps))
+    m = maps[changed].copy()
+    m[:, : m.shape[1] // 2] = 7
+    np.savez_compressed(tmp_path / "regions" / f"{changed}.npz", instance_mask=m)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "scoring again 1 image(s) whose image, annotation or instance map changed" in err
+    _region_files(small_voc, tmp_path / "other", shift=10)  # another folder: another saved run
+    argv2 = [a if a != str(tmp_path / "regions") else str(tmp_path / "other") for a in argv]
+    assert main([*argv2[:-2], "--output", str(tmp_path / "r2.json"), "--limit", "1"]) == 0
+    assert "(starting fresh: 1 saved run(s) there have other settings)" in capsys.readouterr().err
+
+
+def test_eval_regions_errors(small_voc: Path, golden_ckpt_b16: Path, tmp_path: Path, capsys):
+    base = ["eval", "--dataset", "voc21", "--root", str(small_voc), "--pretrained", str(golden_ckpt_b16),
+            "--state-dir", str(tmp_path / "state")]
+    assert main([*base, *CORRCLIP, "--regions", str(tmp_path / "none")]) == 2
+    none = str(tmp_path / "none")
+    assert capsys.readouterr().err.strip().endswith(f"--regions folder {none!r} does not exist")
+    maps = _region_files(small_voc, tmp_path / "regions")
+    (tmp_path / "regions" / f"{sorted(maps)[1]}.npz").unlink()
+    assert main([*base, *CORRCLIP, "--regions", str(tmp_path / "regions")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"resclip: error: 1 of 3 images have no instance map in {str(tmp_path / 'regions')!r} "
+                   f"(first: {sorted(maps)[1]!r}; expected <image stem>.npz, .npy or .png)"]
+    _region_files(small_voc, tmp_path / "regions")
+    assert main([*base, *FAST, "--regions", str(tmp_path / "regions")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"resclip: error: instance maps from {str(tmp_path / 'regions')!r} would not be used: method "
+        "'naclip' reads no regions; use corrclip or --set region_vote=True")
+    bad = np.zeros((3, 3), np.int32)  # not the image's size
+    np.savez(tmp_path / "regions" / f"{sorted(maps)[0]}.npz", instance_mask=bad)
+    assert main([*base, *CORRCLIP, "--regions", str(tmp_path / "regions")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"resclip: error: {sorted(maps)[0]}: regions must be an (H, W) = (80, 96) integer "
+                           "instance map of the image, got (3, 3)")

@@ -525,3 +525,40 @@ def test_attention_without_matplotlib(tmp_path, capsys, model, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     rc, _, err = cli(capsys, "attention", BIRD, "--point", "5,5", "--out", tmp_path / "a.png", *model)
     one_error(rc, err, "pip install 'resclip[viz]'")
+
+
+# ---------------------------------------------------------------------------------------------- --regions
+def test_segment_with_instance_maps_from_a_folder(tmp_path, capsys, golden_ckpt_b16):
+    """`segment --method corrclip --regions DIR`: each image's own map reaches predict() (masks equal
+    predict(regions=map)), no SAM 2 is needed; a missing map is one error before any model loads."""
+    aux = Path(__file__).parent / "data" / "golden" / "aux" / "dino_vitb16_tiny_fp16.pth"
+    rng = np.random.default_rng(3)
+    images, maps = [], {}
+    for name in ("a", "b"):
+        rgb = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(tmp_path / f"{name}.png")
+        m = np.zeros((48, 64), np.uint16)
+        m[:, 20:] = 1 if name == "a" else 3
+        m[30:, :] = 2
+        Image.fromarray(m).save(tmp_path / f"{name}_map.png")  # a 16-bit PNG map
+        (tmp_path / "maps").mkdir(exist_ok=True)
+        (tmp_path / f"{name}_map.png").rename(tmp_path / "maps" / f"{name}.png")
+        images.append(tmp_path / f"{name}.png")
+        maps[name] = m.astype(np.int64)
+    argv = ["segment", *images, "--out", tmp_path / "out", "--classes", "cat; dog; sky", "--method",
+            "corrclip", "--preset", "corrclip/voc21", "--pretrained", golden_ckpt_b16, "--aux-pretrained",
+            f"dino={aux}", "--set", "short_side=64", "--no-rcs", "--no-sfr", "--device", "cpu", "--regions",
+            tmp_path / "maps"]
+    rc, out, err = cli(capsys, *argv)
+    assert rc == 0 and "wrote 2 images" in out, err
+    with pytest.warns(UserWarning, match="custom ViT"):
+        seg = resclip.create_segmenter("corrclip", preset="corrclip/voc21", pretrained=str(golden_ckpt_b16),
+                                       aux_pretrained={"dino": str(aux)}, short_side=64, rcs=False, sfr=False,
+                                       corrclip_masks="given", text_cache=False, device="cpu")
+    for name, m in maps.items():
+        want = seg.predict(np.asarray(Image.open(tmp_path / f"{name}.png")), "cat; dog; sky", regions=m).mask
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png")), want)
+    (tmp_path / "maps" / "b.png").unlink()
+    no_model = [a if a != golden_ckpt_b16 else "/nonexistent.pt" for a in argv]  # fails before loading
+    rc, out, err = cli(capsys, *no_model, "--overwrite")
+    one_error(rc, err, f"1 of 2 images have no instance map in {str(tmp_path / 'maps')!r} (first: 'b'")

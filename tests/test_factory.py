@@ -99,3 +99,34 @@ def test_tlp_switches_by_keyword_with_any_method():
         apply_overrides(plain, {"tlp_grid": "x"})
     with pytest.raises(TypeError, match="tlp=False contradicts tlp_grid"):
         apply_overrides(plain, {"tlp": False, "tlp_grid": 4})
+
+
+def test_method_fields_by_keyword(tiny_ckpt, image):
+    """``<method>_<field>`` sets a method's own field (recorded in the config, used by the engine, reset
+    by with_method for another method); another method's field, a wrong type or a value the method
+    rejects is one clear error."""
+    from resclip.commands.common import parse_overrides
+    from resclip.factory import method_fields, valid_overrides
+
+    assert method_fields(get_method("proxyclip")) == ("beta", "gamma", "vfm", "mae_input")
+    keys = {"naclip_gaussian_std", "proxyclip_beta", "proxyclip_sam_beta", "corrclip_masks"}
+    assert keys <= set(valid_overrides())
+    seg = _create(tiny_ckpt, naclip_gaussian_std=2.5)
+    assert seg.config.method_fields == (("gaussian_std", 2.5),)
+    assert seg.engine.method.gaussian_std == 2.5
+    assert seg.config.to_dict()["method_fields"] == (("gaussian_std", 2.5),)
+    plain = _create(tiny_ckpt)
+    assert plain.engine.method.gaussian_std == 5.0
+    assert not np.array_equal(seg.predict(image, CLASSES).probs, plain.predict(image, CLASSES).probs)
+    variant = seg.with_method("sclip")
+    assert variant.config.method_fields == () and seg.with_method("naclip").engine.method.gaussian_std == 2.5
+    with pytest.raises(TypeError, match=r"^setting proxyclip_beta is a field of method proxyclip, not of "
+                                        r"naclip; use naclip_<field> \(its fields: gaussian_std\)$"):
+        _create(tiny_ckpt, proxyclip_beta=1.0)
+    with pytest.raises(TypeError, match=r"^setting naclip_gaussian_std: expected a number, got 'wide'$"):
+        _create(tiny_ckpt, naclip_gaussian_std="wide")
+    with pytest.raises(ValueError, match=r"corrclip masks must be one of"):
+        resclip.create_segmenter("corrclip", pretrained=None, corrclip_masks="mine", aux_pretrained={})
+    # the command line parses and type-checks them before any model loads
+    assert parse_overrides(["proxyclip_sam_beta=1.5", "short_side=100"]) == {"proxyclip_sam_beta": 1.5,
+                                                                           "short_side": 100}

@@ -26,7 +26,8 @@ SMALL = {"short_side": 96, "slide_crop": 64, "slide_stride": 32, "rcs_layers": (
 # an auxiliary model of every kind a method may declare; DINO with patch 16 as the tiny CLIP, so that
 # the methods whose stage runs on the DINO grid (ProxyCLIP) compose with RCS and SFR
 AUX_PRETRAINED = {"dino": GOLDEN / "aux" / "dino_vitb16_tiny_fp16.pth",
-                  "sam": GOLDEN / "aux" / "sam_vit_tiny_fp16.pth"}
+                  "sam": GOLDEN / "aux" / "sam_vit_tiny_fp16.pth",
+                  "mae": GOLDEN / "aux" / "mae_tiny_fp16.pth"}
 
 
 # CorrCLIP's regions come from SAM 2's automatic mask generator

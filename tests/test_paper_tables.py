@@ -19,7 +19,8 @@ from resclip.paper_tables import (
 )
 from resclip.presets import list_presets
 
-NEW_IDS = ["sc_clip", "sfp", "pearl", "cliper"]
+BENCH = Path(__file__).parent / "data" / "benchmarks"
+NEW_IDS = ["sc_clip", "sfp", "pearl", "cliper", "proxyclip", "trident", "corrclip"]
 # rows whose printed mean disagrees with their printed cells in the paper itself (kept as printed)
 PRINTED_INCONSISTENT = {("pearl", "CLIPtrase")}
 
@@ -86,7 +87,9 @@ def test_rows_map_to_registered_methods_and_presets() -> None:
             assert row.family == "resclip" or row.family in families, (table.id, row.label)
             for ds in ALL_EIGHT:
                 assert row.preset(ds) in presets, (table.id, row.label, ds)
-    assert runnable == 2 + 3 + 7 + 1  # SC-CLIP B/16 + L/14, SFP B/16, B/32, L/14, seven PEARL, CLIPer configs
+    # SC-CLIP B/16 + L/14, SFP B/16, B/32, L/14, seven PEARL, CLIPer configs, ProxyCLIP B/16, L/14, H/14,
+    # Trident B/16, H/14, CorrCLIP's on-line SAM 2 rows B/16 and L/14
+    assert runnable == 2 + 3 + 7 + 1 + 3 + 2 + 2
     sfp = {r.backbone: r for r in get_table("sfp").rows}
     assert sfp["B/16"].paper == (63.9, 37.2, 37.9, 84.5, 39.9, 26.4, 41.1, 20.8, 44.0)
     assert round(sum(sfp["B/16"].paper[:-1]) / 8, 1) == 44.0  # type: ignore[arg-type]
@@ -122,4 +125,36 @@ def test_reproduce_dry_run_cliper_rows(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "| CLIPer w/o FGC | B/16 |" in out and "| CLIPer w/o FGC | L/14 |" in out
     assert "| CLIPer | B/16 |" not in out  # --rows filters
-    assert "CLIPer* w/o FGC (B/16): not implemented in resclip" in out
+    assert "CLIPer* w/o FGC (B/16): the cliper/<dataset> presets hold each config's one window setting" in out
+
+
+def test_second_model_tables() -> None:
+    """ProxyCLIP (as reprinted by Trident and CorrCLIP), Trident and CorrCLIP: the means each release
+    states, the rows resclip runs and with which weights."""
+    proxy = {r.backbone: r for r in get_table("proxyclip").rows}
+    assert proxy["B/16"].paper == (61.3, 35.3, 37.5, 80.3, 39.1, 26.5, 38.1, 20.2, 42.3)
+    assert proxy["OpenCLIP H/14"].paper[-1] == 44.4  # the ProxyCLIP abstract's 44.4
+    assert {r.preset("voc21") for r in proxy.values()} == {"proxyclip/voc21"}
+    trident = {r.backbone: r for r in get_table("trident").rows}
+    assert (trident["B/16"].paper[-1], trident["OpenCLIP H/14"].paper[-1]) == (45.8, 48.6)
+    assert trident["B/16"].preset("cityscapes") == "trident/cityscapes"
+    corr = {(r.label, r.backbone): r for r in get_table("corrclip").rows}
+    assert [k for k, r in corr.items() if r.method == "corrclip"] == [
+        ("CorrCLIP SAM2_8", "MetaCLIP B/16"), ("CorrCLIP SAM2_8", "MetaCLIP L/14")]
+    paper = corr[("CorrCLIP SAM2_32", "MetaCLIP B/16")]  # the README's paper setting: pre-generated masks
+    assert paper.method is None and paper.paper == (74.8, 44.2, 43.7, 88.8, 48.8, 31.6, 49.4, 26.9, 51.0)
+    assert corr[("CorrCLIP (arXiv v1)", "L/14")].paper[-1] == 51.0  # the v1 abstract's 51.0 is L/14
+    assert BACKBONES["MetaCLIP B/16"] == ("ViT-B-16-quickgelu", "metaclip_fullcc")
+    assert BACKBONES["OpenCLIP H/14"] == ("ViT-H-14", "laion2b_s32b_b79k")
+
+
+def test_reproduce_dry_run_second_model_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["reproduce", "--table", "corrclip", "--dry-run", "--data-root", str(BENCH),
+            "--aux-pretrained", "dino=dino_vitb8", "--output", str(tmp_path / "c.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "## Table corrclip:" in out
+    assert "| CorrCLIP SAM2_8 | MetaCLIP B/16 | – / 73.9 |" in out
+    assert "* CorrCLIP SAM2_8 (MetaCLIP B/16): would run (dry run)" in out
+    assert ("* CorrCLIP SAM2_32 (MetaCLIP B/16): the release's pre-generated SAM 2 masks (32 points per "
+            "side): run them with resclip eval --method corrclip --regions DIR") in out

@@ -133,15 +133,23 @@ def test_window_stages(golden, px, golden_ckpts, name):
             st["values"][0], engine.visual.transformer.resblocks[-1].attn.out_proj.weight,
             engine.visual.transformer.resblocks[-1].attn.out_proj.bias), atol=1e-6, rtol=0)
         return
-    _rows_with_inf(st["proxy_scores"][0][rows], px[f"{name}__proxy_scores_rows"], "proxy scores")
-    within(st["proxy_attn"][0, 0][rows], px[f"{name}__proxy_attn_rows"], LOGIT, "proxy attention")
-    within(st["attn_out"][0][rows], px[f"{name}__attn_out_rows"], TOK, "out_proj(A v)")
-    assert trace.tokens is not None and trace.grid == tuple(px[f"{name}__patch_logits"].shape[1:])
-    within(trace.tokens[0][rows], px[f"{name}__tokens_rows"], TOK, "tokens")
-    within(logits[0], px[f"{name}__patch_logits"], LOGIT, "patch logits")
+    _check_attention_onwards(trace, logits, x, px, name)
+
+
+def _check_attention_onwards(trace: WindowTrace, logits: torch.Tensor, x: torch.Tensor, ref: dict,
+                             name: str) -> None:
+    """A window's proxy scores, attention, out_proj output, tokens, patch and window logits against
+    the release's recorded ``<name>__*`` arrays."""
+    rows, st = ref[f"{name}__row_idx"], trace.stages
+    _rows_with_inf(st["proxy_scores"][0][rows], ref[f"{name}__proxy_scores_rows"], "proxy scores")
+    within(st["proxy_attn"][0, 0][rows], ref[f"{name}__proxy_attn_rows"], LOGIT, "proxy attention")
+    within(st["attn_out"][0][rows], ref[f"{name}__attn_out_rows"], TOK, "out_proj(A v)")
+    assert trace.tokens is not None and trace.grid == tuple(ref[f"{name}__patch_logits"].shape[1:])
+    within(trace.tokens[0][rows], ref[f"{name}__tokens_rows"], TOK, "tokens")
+    within(logits[0], ref[f"{name}__patch_logits"], LOGIT, "patch logits")
     up = upsample_window(logits, (x.shape[-2], x.shape[-1]))
-    within(up[0].reshape(up.shape[1], -1)[:, px[f"{name}__pixel_idx"]], px[f"{name}__window_logits_samples"],
-           LOGIT, "window logits")
+    sampled = up[0].reshape(up.shape[1], -1)[:, ref[f"{name}__pixel_idx"]]
+    within(sampled, ref[f"{name}__window_logits_samples"], LOGIT, "window logits")
 
 
 def _samples(n: int, k: int) -> np.ndarray:
@@ -350,8 +358,12 @@ def test_registry_and_stage_contract():
     assert isinstance(method, ProxyCLIP) and method.replaces_last_block and method.has_scores
     assert (method.beta, method.gamma, method.vfm) == (1.2, 3.0, "dino")
     assert method.required_aux() == ("dino",) and method.for_fidelity("paper") is method
-    with pytest.raises(ValueError, match="vfm must be one of"):
-        ProxyCLIP("x", keep_residual=False, vfm="mae")
+    with pytest.raises(ValueError, match=r"vfm must be one of \('dino', 'sam', 'mae'\), got 'dinov3'"):
+        ProxyCLIP("x", keep_residual=False, vfm="dinov3")
+    with pytest.raises(ValueError, match="mae_input must be a positive integer, got 0"):
+        ProxyCLIP("x", keep_residual=False, mae_input=0)
+    mae = get_method("proxyclip_mae")
+    assert mae.vfm == "mae" and mae.required_aux() == ("mae",) and mae.out_patch(16, {}) is None
     sam = get_method("proxyclip_sam")
     assert isinstance(sam, ProxyCLIP) and sam.vfm == "sam" and sam.required_aux() == ("sam",)
     assert sam.out_patch(16, {}) is None  # SAM's fixed 64 x 64 grid: RCS / SFR refused
@@ -418,6 +430,119 @@ def test_presets_are_the_release_configs(px_manifest):
         assert (got.logit_scale, got.prob_thd, got.area_thd, got.pamr_steps, got.tlp) == (
             want["logit_scale"], want["prob_thd"], None, 0, None), ds
         assert got.window_multiple == want["pad_multiple"], ds
-        assert preset.dataset == ds and preset.fidelity == "official" and preset.method_options == ()
+        assert preset.dataset == ds and preset.fidelity == "official"
+        # the MAE proxy's input side is the release's crop (its MAE is built at img_size=slide_crop)
+        assert preset.method_settings("proxyclip_mae") == {"mae_input": want["slide_crop"]}, ds
+        assert preset.method_settings("proxyclip") == {"mae_input": want["slide_crop"]}, ds
         own = ds in ("voc21", "voc20", "coco_object")  # the release's person / tvmonitor / background lines
         assert preset.class_file == (f"proxyclip_{presets.CLASS_FILES[ds]}" if own else None), ds
+
+
+# ---------------------------------------------------------------- the release's other proxies: DINOv2 and MAE
+# (golden_proxyclip_vfm.npz: the release with vfm_model='dinov2' (dinov2_vitb14_reg) and 'mae')
+V2REG = AUX / "dinov2_reg_tiny_fp16.pth"
+MAE = AUX / "mae_tiny_fp16.pth"
+
+
+@pytest.fixture(scope="module")
+def pv() -> dict[str, np.ndarray]:
+    return load_golden("golden_proxyclip_vfm.npz")
+
+
+@functools.lru_cache(maxsize=8)
+def _vfm_seg(ckpt: str, vfm: str, preset: str, **kw: object) -> resclip.Segmenter:
+    """ProxyCLIP with the tiny DINOv2-with-registers (a ``dino`` file: the release's ``dinov2``) or,
+    for "mae", ``proxyclip_mae`` with the tiny MAE checkpoint."""
+    method, aux = (("proxyclip_mae", {"mae": str(MAE)}) if vfm == "mae"
+                   else ("proxyclip", {"dino": str(V2REG)}))
+    with pytest.warns(UserWarning, match="custom ViT"):
+        return resclip.create_segmenter(method, rcs=False, sfr=False, preset=preset, pretrained=ckpt,
+                                        text_cache=False, aux_pretrained=aux, trunk_attention="explicit",
+                                        **kw)
+
+
+# name -> (vfm, image, short side (0 = raw image), crop box, preset (its mae_input: the release's crop))
+VFM_WINDOWS = {
+    "W7": ("v2reg", "B", 336, (0, 112, 336, 448), "proxyclip/context59"),  # DINOv2 24 x 24, positions resized
+    "W8": ("v2reg", "A", 0, None, "proxyclip/context59"),  # DINOv2 16 x 16, native positions
+    "W9": ("mae", "B", 336, (0, 112, 336, 448), "proxyclip/context59"),  # MAE 21 x 21, positions 14 -> 21
+    "W10": ("mae", "A", 0, None, "proxyclip/context59"),  # a 224 window resized to 336 for MAE
+    "W11": ("mae", "B", 336, (0, 112, 336, 448), "proxyclip/cityscapes"),  # MAE at 224: the window shrunk
+}
+
+
+@pytest.mark.parametrize("name", list(VFM_WINDOWS))
+def test_vfm_window_stages(golden, pv, golden_ckpt_b16, name):
+    vfm, img, short, box, preset = VFM_WINDOWS[name]
+    seg = _vfm_seg(str(golden_ckpt_b16), vfm, preset)
+    x = _window(golden, img, short, box)
+    text = torch.from_numpy(golden["classifier__voclike"])
+    trace = WindowTrace()
+    logits = seg.engine.window_logits(x, text, torch.zeros(text.shape[0], dtype=torch.long), trace)
+    rows, st = pv[f"{name}__row_idx"], trace.stages
+    vfm_in = imagenet_input(x)
+    if vfm == "mae":
+        side = seg.engine.method.mae_input
+        assert side == (224 if preset.endswith("cityscapes") else 336)
+        vfm_in = torch.nn.functional.interpolate(vfm_in, size=(side, side), mode="bilinear",
+                                                 align_corners=False)
+    sampled = vfm_in[0].reshape(3, -1)[:, _samples(vfm_in[0, 0].numel(), 256)]
+    within(sampled, pv[f"{name}__dino_input_samples"], LOGIT, "VFM input")
+    within(st["vfm_tokens"][0][rows], pv[f"{name}__dino_tokens_rows"], TOK, "VFM tokens")
+    within(st["values"][0][rows], pv[f"{name}__values_rows"], TOK, "resized values")
+    _check_attention_onwards(trace, logits, x, pv, name)
+
+
+# family -> (vfm, classes, preset and overrides, image)
+VFM_FAMILIES = {
+    "voc21_dinov2": ("v2reg", "voclike", {"preset": "proxyclip/voc21"}, "C"),
+    "default_dinov2": ("v2reg", "adelike", {"preset": "proxyclip/context59"}, "B"),
+    "voc21_mae": ("mae", "voclike", {"preset": "proxyclip/voc21"}, "B"),
+    "city_scapes_mae": ("mae", "adelike", {"preset": "proxyclip/cityscapes"}, "A"),
+    "pad200_dinov2": ("v2reg", "adelike", {"preset": "proxyclip/context59", "short_side": 200}, "A"),
+    "pad200_mae": ("mae", "adelike", {"preset": "proxyclip/context59", "short_side": 200}, "A"),
+}
+
+
+@pytest.mark.parametrize("fam", list(VFM_FAMILIES))
+def test_vfm_full_image_parity(golden, pv, golden_ckpt_b16, fam):
+    vfm, cls, kw, img = VFM_FAMILIES[fam]
+    seg = _vfm_seg(str(golden_ckpt_b16), vfm, **kw)  # type: ignore[arg-type]
+    p = f"full__{fam}__img{img}"
+    image = golden[f"img{img}__raw_rgb"]
+    resized = resize_image(image, seg.protocol.short_side, seg.protocol.long_side)
+    assert hashlib.sha256(resized.tobytes()).digest() == pv[f"{p}__resized_sha256"].tobytes()
+    res = seg.predict(image, CLASSES[cls], embeddings=golden[f"classifier__{cls}"])
+    avg, full = torch.from_numpy(res.logits), res.full
+    q = avg.shape[0]
+    within(avg.reshape(q, -1)[:, pv[f"{p}__resized_idx"]], pv[f"{p}__avg_logits_samples"], LOGIT,
+           "window-averaged logits")
+    idx = pv[f"{p}__final_idx"]
+    within(full.logits_full().reshape(q, -1)[:, idx], pv[f"{p}__logits_samples"], LOGIT, "logits")
+    probs = full.class_prob_rows(0, image.shape[0])
+    within(probs.reshape(probs.shape[0], -1)[:, idx], pv[f"{p}__probs_samples"], LOGIT, "probabilities")
+    assert len(pv[f"{p}__nan_idx"]) == 0
+    assert_mask_at_stable_pixels(res.mask, pv[f"{p}__pred"], pv[f"{p}__pred_unstable_idx"])
+
+
+def test_mae_loader_and_errors(tmp_path):
+    """MAE's pre-training file: the decoder and its mask token are dropped, the rest loads strictly; a
+    pickle carrying code, a missing file and a file of another model are one line each."""
+    from resclip.dino import load_mae
+
+    net = load_mae(MAE)
+    assert net.aux_family == "mae" and net.dino_info["patch"] == 16 and net.dino_info["image"] == 224
+    state = torch.load(MAE, weights_only=True)
+    assert any(k.startswith("decoder_") for k in state["model"]) and "mask_token" in state["model"]
+    with pytest.raises(FileNotFoundError, match="MAE checkpoint not found"):
+        load_mae(tmp_path / "none.pth")
+    torch.save({"model": {"visual.conv1.weight": torch.zeros(2, 2)}}, tmp_path / "clip.pth")
+    with pytest.raises(ValueError, match="is not an MAE ViT encoder checkpoint"):
+        load_mae(tmp_path / "clip.pth")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match="could run code"):
+        load_mae(tmp_path / "pickled.pth")
+    broken = {"model": {k: v for k, v in state["model"].items() if k != "norm.weight"}}
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"missing \['norm.weight'\]"):
+        load_mae(tmp_path / "broken.pth")

@@ -86,7 +86,7 @@ def test_dino_fixtures_have_the_hub_layout(patch: int):
     assert tuple(state["patch_embed.proj.weight"].shape) == (128, 3, patch, patch)
     net = load_dino(AUX / f"dino_vitb{patch}_tiny_fp16.pth")
     assert net.dino_info == {"width": 128, "patch": patch, "depth": 2, "heads": 2, "mlp_ratio": 4.0,
-                             "image": 224, "dinov2": False, "registers": 0}
+                             "image": 224, "dinov2": False, "registers": 0, "swiglu": False}
 
 
 @pytest.fixture(scope="module")

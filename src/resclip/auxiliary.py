@@ -9,7 +9,8 @@ Kinds (:data:`AUX_KINDS`):
 
 * ``"dino"``: a DINO or DINOv2 ViT (:func:`resclip.dino.load_dino`: a hub ``.pth``, a training
   checkpoint, a timm file, or a hub / timm name);
-* ``"sam"``: SAM's image encoder (:func:`resclip.sam.load_sam`, where that module is installed).
+* ``"sam"``: SAM's image encoder (:func:`resclip.sam.load_sam`, where that module is installed);
+* ``"mae"``: an MAE ViT encoder from its pre-training checkpoint (:func:`resclip.dino.load_mae`).
 
 The DINO forward of the releases (``get_intermediate_layers(x)[0]`` of facebookresearch's hub code:
 positional embedding resized bicubically with the ``+0.1`` scale factor, every block, the final
@@ -20,6 +21,7 @@ re-normalises CLIP-normalised windows with ImageNet statistics, as they do.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -40,6 +42,7 @@ __all__ = [
     "dino_tokens",
     "imagenet_input",
     "load_aux",
+    "mae_tokens",
     "missing_aux_message",
     "sam_tokens",
 ]
@@ -48,6 +51,7 @@ __all__ = [
 AUX_KINDS: dict[str, tuple[str, str, str]] = {
     "dino": ("resclip.dino", "load_dino", "dino"),
     "sam": ("resclip.sam", "load_sam", "sam"),
+    "mae": ("resclip.dino", "load_mae", "dino"),
 }
 #: loader keywords per kind: one loaded model serves every method, so it is loaded as the releases
 #: run it (DINO: the torch.hub code's position-embedding resize)
@@ -215,38 +219,93 @@ def _explicit_block(block: Any, x: torch.Tensor, budget: int = 1 << 26) -> torch
 def dino_tokens(
     model: Any, images: torch.Tensor, explicit: bool = False
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Last-block patch tokens of a DINO ViT, as ``get_intermediate_layers(images)[0][:, 1:]`` of
-    facebookresearch's hub code computes them.
+    """Last-block patch tokens of a DINO / DINOv2 ViT, as ``get_intermediate_layers(images)[0]`` of
+    facebookresearch's hub code computes them (after the final norm; class and register tokens
+    dropped).
 
-    The positional embedding is resized to the ``(H // p, W // p)`` grid by
-    :func:`resclip.attention.interpolate_pos_embed` (bicubic, scale factor ``(n + 0.1) / side``), which is
-    the hub code's resize (trailing pixels that do not fill a patch are dropped, as there).
+    The position embeddings are resized to the ``(H // p, W // p)`` grid (trailing pixels that do
+    not fill a patch are dropped, as there) the way the hub models do it:
+
+    * without register tokens (DINO, DINOv2 ``dinov2_vit*14``): bicubic with the scale factor
+      ``(n + 0.1) / side`` (:func:`resclip.attention.interpolate_pos_embed`);
+    * with register tokens (``dinov2_vit*14_reg``, built with ``interpolate_offset=0`` and
+      ``interpolate_antialias=True``): antialiased bicubic to the grid's size, the class token
+      carrying its own position (timm's layout, see :func:`resclip.dino.load_dino`); the registers
+      follow the class token and get no position.
 
     Args:
-        model: a DINO ViT from :func:`resclip.dino.load_dino` (a class token, no register tokens).
+        model: a DINO / DINOv2 ViT from :func:`resclip.dino.load_dino`.
         images: ``(B, 3, H, W)`` ImageNet-normalised images.
-        explicit: form every attention map explicitly, as the hub code (its tokens bit for bit; about
-            4x slower on a CPU); False runs the model's own blocks (fused attention, ~1e-6 apart).
+        explicit: form every attention map explicitly, as the DINO (v1) hub code (its tokens bit for
+            bit; about 4x slower on a CPU); False runs the model's own blocks (fused attention, ~1e-6
+            apart). DINOv2's hub code runs fused attention itself: its blocks always run fused.
 
     Returns:
         ``(B, h*w, C)`` tokens in the model's dtype, and the grid ``(h, w)``.
-
-    Raises:
-        ValueError: a ViT with register tokens (DINOv2-reg), whose token layout this does not cover.
     """
-    if getattr(model, "reg_token", None) is not None:
-        raise ValueError("DINO backbones with register tokens are not supported here; use a DINO "
-                         "checkpoint without registers (e.g. dino_vitb8)")
     proj = model.patch_embed.proj
     x = F.conv2d(images.to(proj.weight.dtype), proj.weight, proj.bias, stride=proj.stride)
     b, _, h, w = x.shape
     x = x.flatten(2).transpose(1, 2)
-    pos = interpolate_pos_embed(model.pos_embed[0], h, w).to(x.dtype)
     cls = model.cls_token.to(x.dtype).expand(b, -1, -1)
-    x = torch.cat([cls, x], dim=1) + pos
+    registers = getattr(model, "reg_token", None)
+    if registers is None:
+        pos = interpolate_pos_embed(model.pos_embed[0], h, w).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + pos
+        first = 1
+    else:
+        x = x + _register_model_positions(model.pos_embed, h, w).to(x.dtype)
+        x = torch.cat([cls, registers.to(x.dtype).expand(b, -1, -1), x], dim=1)
+        first = 1 + registers.shape[1]
+    explicit = explicit and isinstance(model.blocks[0].ls1, torch.nn.Identity)  # DINO v1 only
     for block in model.blocks:
         x = _explicit_block(block, x) if explicit else block(x)
-    return model.norm(x)[:, 1:], (h, w)
+    return model.norm(x)[:, first:], (h, w)
+
+
+def _register_model_positions(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``(1, h*w, C)`` patch positions of a DINOv2-with-registers model (``(1, side*side, C)``, no class
+    position): unchanged on its own square grid, else antialiased bicubic to ``(h, w)`` in float32, as
+    the hub's ``dinov2_vit*14_reg`` models resize them."""
+    side = math.isqrt(pos_embed.shape[1])
+    if (h, w) == (side, side):
+        return pos_embed
+    planes = pos_embed.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    planes = F.interpolate(planes, size=(h, w), mode="bicubic", antialias=True)
+    return planes.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos_embed.dtype)
+
+
+def mae_tokens(model: Any, images: torch.Tensor, side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """MAE encoder patch tokens as ProxyCLIP's release takes them: the windows resized bilinearly
+    (``align_corners=False``) to ``side x side`` whatever their shape, the position embeddings resized
+    from the training grid to ``side // p`` by plain bicubic to that size (MAE's
+    ``interpolate_pos_embed``, float32; the class position kept), every block, then the final
+    LayerNorm on the patch tokens.
+
+    Args:
+        model: an MAE encoder from :func:`resclip.dino.load_mae`.
+        images: ``(B, 3, H, W)`` ImageNet-normalised windows.
+        side: the square input MAE sees (the release's ``slide_crop``).
+
+    Returns:
+        ``(B, n*n, C)`` tokens in the model's dtype, ``n = side // p``, and the grid ``(n, n)``.
+    """
+    proj = model.patch_embed.proj
+    if tuple(images.shape[-2:]) != (side, side):
+        images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+    x = F.conv2d(images.to(proj.weight.dtype), proj.weight, proj.bias, stride=proj.stride)
+    b, _, h, w = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    pos = model.pos_embed
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid != h:
+        planes = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        planes = F.interpolate(planes, size=(h, w), mode="bicubic", align_corners=False)
+        pos = torch.cat([pos[:, :1].float(), planes.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
+    x = torch.cat([model.cls_token.to(x.dtype).expand(b, -1, -1), x], dim=1) + pos.to(x.dtype)
+    for block in model.blocks:
+        x = block(x)
+    return model.norm(x[:, 1:]), (h, w)
 
 
 SAM_INPUT = 1024  # the side SAM's image encoder is built for

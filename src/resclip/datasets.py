@@ -50,8 +50,10 @@ __all__ = [  # the benchmark table (resclip.dataset_specs) is re-exported: one i
     "list_datasets",
     "list_samples",
     "load_pair",
+    "load_regions",
     "read_label",
     "reduce_zero_label",
+    "regions_file",
     "root_names",
     "save_prediction",
     "to_label_convention",
@@ -218,12 +220,14 @@ def load_pair(sample: Sample, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray
 @dataclass
 class LoadedSample:
     """What a loader worker hands to the model: ``(H, W, 3)`` uint8 RGB image and ``(H, W)`` uint8 label,
-    or the error that prevented reading them."""
+    the image's ``(H, W)`` int64 instance map when regions are read from a folder, or the error that
+    prevented reading them."""
 
     sample: Sample
     image: np.ndarray | None = None
     label: np.ndarray | None = None
     error: str | None = None
+    regions: np.ndarray | None = None
 
 
 class BenchmarkImages(torch.utils.data.Dataset):
@@ -232,20 +236,55 @@ class BenchmarkImages(torch.utils.data.Dataset):
     Errors are returned, not raised, so the main process can report them in one clear line.
     """
 
-    def __init__(self, samples: Sequence[Sample], spec: DatasetSpec) -> None:
+    def __init__(self, samples: Sequence[Sample], spec: DatasetSpec,
+                 regions_dir: str | os.PathLike[str] | None = None) -> None:
         self.samples = list(samples)
         self.spec = spec
+        self.regions_dir = regions_dir
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> LoadedSample:
         sample = self.samples[i]
+        regions = None
         try:
             rgb, label = load_pair(sample, self.spec)
+            if self.regions_dir is not None:
+                regions = load_regions(sample, self.regions_dir)
         except (DatasetError, DatasetNotFoundError) as err:
             return LoadedSample(sample, error=str(err))
-        return LoadedSample(sample, rgb, label)
+        return LoadedSample(sample, rgb, label, regions=regions)
+
+
+def regions_file(sample: Sample, regions_dir: str | os.PathLike[str]) -> Path:
+    """The instance-map file of ``sample`` in ``regions_dir`` (``<image stem>.npz`` / ``.npy`` / ``.png``).
+
+    Raises:
+        DatasetNotFoundError: there is none.
+    """
+    from .corrclip import REGION_SUFFIXES, instance_map_file
+
+    found = instance_map_file(regions_dir, sample.stem)
+    if found is None:
+        raise DatasetNotFoundError(f"no instance map for {sample.stem!r} in {os.fspath(regions_dir)!r} "
+                                   f"(looked for {', '.join(sample.stem + s for s in REGION_SUFFIXES)})")
+    return found
+
+
+def load_regions(sample: Sample, regions_dir: str | os.PathLike[str]) -> np.ndarray:
+    """``(H, W)`` int64 instance map of ``sample`` from ``regions_dir``
+    (:func:`resclip.corrclip.read_instance_map`).
+
+    Raises:
+        DatasetNotFoundError: no file for the image; DatasetError: an unreadable one.
+    """
+    from .corrclip import read_instance_map
+
+    try:
+        return read_instance_map(regions_file(sample, regions_dir))
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
 
 
 def identity_collate(item: LoadedSample) -> LoadedSample:

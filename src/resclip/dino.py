@@ -41,7 +41,7 @@ from .checkpoints import read_weights_file
 from .clip import resolve_device, resolve_precision
 
 __all__ = ["HUB_NAMES", "POS_EMBED_MODES", "DinoInfo", "dino_architecture", "hub_pos_embed", "load_dino",
-           "use_hub_pos_embed"]
+           "load_mae", "use_hub_pos_embed"]
 
 #: facebookresearch torch.hub names -> timm names with their weights tags
 HUB_NAMES = {
@@ -71,7 +71,10 @@ def _read(path: Path) -> Mapping[str, Any]:
 
 
 def _unwrap(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The backbone's tensors of a hub file or a training checkpoint (``teacher`` first)."""
+    """The backbone's tensors of a hub file or a training checkpoint (``teacher`` first), in timm's
+    layout: DINOv2's register tokens become ``reg_token`` with the class token's position folded into
+    ``cls_token`` (timm's ``no_embed_class`` layout, the hub's arithmetic: the class token plus its
+    position, in float32), and the SwiGLU FFN's ``w12`` / ``w3`` become ``fc1`` / ``fc2``."""
     for key in _NESTS:
         inner = state.get(key)
         if isinstance(inner, Mapping) and inner:
@@ -86,8 +89,19 @@ def _unwrap(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
                 name = name[len(prefix):]
         if name.startswith("head.") or name == "mask_token":  # DINO's head, DINOv2's masking token
             continue
+        name = re.sub(r"^(blocks\.\d+\.mlp)\.w12\.", r"\1.fc1.", name)  # DINOv2 giant's SwiGLU
+        name = re.sub(r"^(blocks\.\d+\.mlp)\.w3\.", r"\1.fc2.", name)
         out["reg_token" if name == "register_tokens" else name] = value  # timm's name for registers
+    pos = out.get("pos_embed")
+    if "reg_token" in out and "cls_token" in out and pos is not None and _square(pos.shape[1] - 1):
+        # a hub file (class position inside pos_embed), not a timm file (patch positions only)
+        out["cls_token"] = out["cls_token"].float() + pos[:, :1].float()
+        out["pos_embed"] = pos[:, 1:]
     return out
+
+
+def _square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
 
 
 def dino_architecture(state: Mapping[str, torch.Tensor]) -> DinoInfo:
@@ -103,11 +117,13 @@ def dino_architecture(state: Mapping[str, torch.Tensor]) -> DinoInfo:
     width, patch = int(conv.shape[0]), int(conv.shape[-1])
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     registers = int(state["reg_token"].shape[1]) if "reg_token" in state else 0
-    side = math.isqrt(int(state["pos_embed"].shape[1]) - 1)  # the class token has a position too
+    # with registers the positions are the patches' only (timm's layout, see _unwrap)
+    side = math.isqrt(int(state["pos_embed"].shape[1]) - (0 if registers else 1))
     mlp = int(state["blocks.0.mlp.fc1.weight"].shape[0])
+    swiglu = int(state["blocks.0.mlp.fc2.weight"].shape[1]) * 2 == mlp  # fc1 holds the gate and the value
     v2 = "blocks.0.ls1.gamma" in state  # DINOv2's layer scale
     return DinoInfo(width=width, patch=patch, depth=depth, heads=max(1, width // 64), mlp_ratio=mlp / width,
-                    image=side * patch, dinov2=v2, registers=registers)
+                    image=side * patch, dinov2=v2, registers=registers, swiglu=swiglu)
 
 
 def _timm_name(info: DinoInfo) -> str | None:
@@ -117,7 +133,7 @@ def _timm_name(info: DinoInfo) -> str | None:
         return None
     if info["dinov2"]:
         depth = {"small": 12, "base": 12, "large": 24, "giant": 40}[size]
-        if info["patch"] != 14 or info["depth"] != depth:
+        if info["patch"] != 14 or info["depth"] != depth or info["swiglu"] != (size == "giant"):
             return None
         return f"vit_{size}_patch14_{'reg4_' if info['registers'] == 4 else ''}dinov2"
     if size not in ("small", "base") or info["depth"] != 12 or info["patch"] not in (8, 16):
@@ -135,10 +151,37 @@ def _build(info: DinoInfo) -> nn.Module:
     if name is not None:
         extra = {"img_size": info["image"]} if info["dinov2"] else {}
         return timm.create_model(name, pretrained=False, **common, **extra)
-    v2: dict[str, Any] = {"init_values": 1e-5, "reg_tokens": info["registers"]} if info["dinov2"] else {}
+    v2: dict[str, Any] = {"init_values": 1e-5} if info["dinov2"] else {}
+    if info["registers"]:
+        v2.update(reg_tokens=info["registers"], no_embed_class=True)
+    if info["swiglu"]:
+        from timm.layers import SwiGLUPacked
+
+        v2.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
     return VisionTransformer(img_size=info["image"], patch_size=info["patch"], embed_dim=info["width"],
                              depth=info["depth"], num_heads=info["heads"], mlp_ratio=info["mlp_ratio"],
                              **common, **v2)
+
+
+def _build_loaded(tensors: Mapping[str, torch.Tensor], info: DinoInfo, what: str) -> nn.Module:
+    """A timm ViT with ``info``'s dimensions holding exactly ``tensors`` (``model.dino_info = info``).
+
+    Raises:
+        ValueError: naming ``what``: a tensor of the wrong shape, a missing or an unexpected one.
+    """
+    net = _build(info)
+    dims = f"width {info['width']}, depth {info['depth']}, patch {info['patch']}"
+    try:
+        missing, unexpected = net.load_state_dict(tensors, strict=False)
+    except RuntimeError as err:  # tensors of the wrong shape
+        wrong = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ValueError(f"{what} does not fit the ViT read from it ({dims}): "
+                         f"{wrong[0] if wrong else err}") from None
+    if missing or unexpected:
+        raise ValueError(f"{what} does not fit a ViT of {dims}: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}")
+    net.dino_info = info  # type: ignore[assignment]
+    return net
 
 
 def hub_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -170,16 +213,21 @@ def _hub_pos_embed_tokens(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_hub_pos_embed(net: nn.Module) -> nn.Module:
-    """Make a timm ViT from :func:`load_dino` resize its position embeddings like the torch.hub DINO code.
+    """Make a timm ViT from :func:`load_dino` resize its position embeddings like the torch.hub code.
+
+    A model with register tokens (``dinov2_vit*14_reg``) already does: the hub builds those with
+    ``interpolate_offset=0`` and antialiasing, timm's own resize; it is returned unchanged.
 
     Raises:
-        ValueError: a model without a class token whose position is in ``pos_embed``, or with register
-            tokens (the hub DINO layout is class token + patches).
+        ValueError: a model without a class token whose position is in ``pos_embed`` (and no registers).
     """
-    if (getattr(net, "cls_token", None) is None or getattr(net, "reg_token", None) is not None
-            or getattr(net, "no_embed_class", True) or not getattr(net, "dynamic_img_size", False)):
-        raise ValueError("pos_embed='hub' needs a DINO ViT with a class token and no register tokens, "
-                         "loaded by resclip.dino.load_dino; use pos_embed='timm' for this model")
+    if getattr(net, "reg_token", None) is not None and getattr(net, "no_embed_class", False):
+        net.pos_embed_mode = "hub"  # type: ignore[assignment]
+        return net
+    if (getattr(net, "cls_token", None) is None or getattr(net, "no_embed_class", True)
+            or not getattr(net, "dynamic_img_size", False)):
+        raise ValueError("pos_embed='hub' needs a DINO ViT with a class token, loaded by "
+                         "resclip.dino.load_dino; use pos_embed='timm' for this model")
     net._pos_embed = types.MethodType(_hub_pos_embed_tokens, net)  # type: ignore[assignment]
     net.pos_embed_mode = "hub"  # type: ignore[assignment]
     return net
@@ -191,7 +239,7 @@ def load_dino(source: str | os.PathLike[str], *, device: str | torch.device = "c
 
     Args:
         pos_embed: ``"timm"`` (timm's resize of the position embeddings) or ``"hub"`` (the torch.hub
-            DINO code's, :func:`hub_pos_embed`; DINO v1 layout only), see the module doc.
+            code's: :func:`hub_pos_embed` without registers, timm's own with them), see the module doc.
 
     Returns:
         timm's ``VisionTransformer`` (no classifier head), eval mode, gradients off, on ``device``
@@ -215,13 +263,7 @@ def load_dino(source: str | os.PathLike[str], *, device: str | torch.device = "c
             raise FileNotFoundError(f"DINO checkpoint not found: {text!r}")
         backbone = _unwrap(_read(path))
         info = dino_architecture(backbone)
-        net = _build(info)
-        missing, unexpected = net.load_state_dict(backbone, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"DINO checkpoint {text!r} does not fit a ViT of width {info['width']}, depth "
-                             f"{info['depth']}, patch {info['patch']}: missing {sorted(missing)[:4]}, "
-                             f"unexpected {sorted(unexpected)[:4]}")
-        net.dino_info = info  # type: ignore[assignment]
+        net = _build_loaded(backbone, info, f"DINO checkpoint {text!r}")
     else:
         import timm
 
@@ -236,5 +278,47 @@ def load_dino(source: str | os.PathLike[str], *, device: str | torch.device = "c
     else:
         net.pos_embed_mode = "timm"  # type: ignore[assignment]
     net = net.to(device=target, dtype=dtype).eval()
+    net.requires_grad_(False)
+    return net
+
+
+#: keys of an MAE pre-training checkpoint that are not the encoder (the decoder and its mask token)
+_MAE_EXTRA = ("decoder_", "mask_token")
+
+
+def load_mae(source: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+             precision: str = "fp32") -> nn.Module:
+    """An MAE encoder (He et al., facebookresearch/mae) from its pre-training checkpoint, for
+    ProxyCLIP's ``vfm="mae"`` proxy (:func:`resclip.auxiliary.mae_tokens`).
+
+    The file is MAE's ``{"model": state_dict}`` (``mae_pretrain_vit_base.pth``...: timm ViT key names,
+    the decoder's ``decoder_*`` keys and ``mask_token``, which are dropped; also a bare state dict),
+    read as tensors only. The encoder's position embeddings stay at the training grid; the tokens
+    function resizes them as MAE's fine-tuning code does.
+
+    Returns:
+        timm's ``VisionTransformer`` (no head), eval mode, gradients off, on ``device`` in
+        ``precision``; ``model.dino_info`` records the dimensions, ``model.aux_family = "mae"``.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a ViT encoder, or tensors that do not fit.
+    """
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"MAE checkpoint not found: {text!r} (MAE weights are local files, e.g. "
+                                "mae_pretrain_vit_base.pth from facebookresearch/mae)")
+    state = read_weights_file(path, "MAE")
+    inner = state.get("model")
+    tensors = {k: v for k, v in (inner if isinstance(inner, Mapping) else state).items()
+               if isinstance(v, torch.Tensor) and not k.startswith(_MAE_EXTRA) and not k.startswith("head.")}
+    try:
+        info = dino_architecture(tensors)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an MAE ViT encoder checkpoint (no patch_embed.proj.weight or "
+                         "pos_embed); give MAE's pre-training .pth") from None
+    net = _build_loaded(tensors, info, f"MAE checkpoint {text!r}")
+    net.aux_family = "mae"  # type: ignore[assignment]
+    net = net.to(device=resolve_device(device), dtype=resolve_precision(precision)).eval()
     net.requires_grad_(False)
     return net

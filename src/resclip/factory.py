@@ -18,7 +18,7 @@ from .auxiliary import aux_digest, check_aux_sources, load_aux, missing_aux_mess
 from .clip import _checkpoint_path, _resolve_model_name, load_clip, resolve_device, resolve_precision
 from .digest import bytes_digest, file_identity, weights_digests
 from .engine import DenseEngine
-from .methods import BaseAttention, get_method
+from .methods import BaseAttention, get_method, list_methods
 from .presets import PRESETS, Fidelity, Preset, get_preset, to_fidelity
 from .protocol import Protocol
 from .rcs import RCSConfig
@@ -49,13 +49,71 @@ def _field_names(cls: type) -> set[str]:
 _STAGES: dict[str, type] = {"tlp": TLPConfig, "sam_refine": SAMRefineConfig}
 
 
-def valid_overrides() -> list[str]:
-    """Keyword overrides accepted by :func:`create_segmenter`."""
+def _setting_names() -> set[str]:
+    """Protocol, RCS / SFR and stage settings (not the methods' own fields)."""
     names = set(_field_names(Protocol)) | set(_ALIASES)
     names |= {f"rcs_{n}" for n in _field_names(RCSConfig)} | {f"sfr_{n}" for n in _field_names(SFRConfig)}
     for stage, cls in _STAGES.items():
         names |= {f"{stage}_{n}" for n in _field_names(cls)}
+    return names
+
+
+def method_fields(method: BaseAttention) -> tuple[str, ...]:
+    """A method's own settings: the fields of its dataclass beyond :class:`BaseAttention`'s
+    (ProxyCLIP's ``beta``, ``gamma``, ``vfm``...)."""
+    common = _field_names(BaseAttention)
+    return tuple(f.name for f in dataclasses.fields(method) if f.name not in common)
+
+
+def _method_key(key: str) -> tuple[str, str] | None:
+    """``"<method>_<field>"`` -> ``(method, field)`` for a registered method's own field, else None
+    (the longest method name wins: ``proxyclip_sam_beta`` is proxyclip_sam's ``beta``)."""
+    for name in sorted(list_methods(), key=len, reverse=True):
+        if key.startswith(f"{name}_") and key[len(name) + 1:] in method_fields(get_method(name)):
+            return name, key[len(name) + 1:]
+    return None
+
+
+def valid_overrides() -> list[str]:
+    """Keyword overrides accepted by :func:`create_segmenter`: protocol, RCS / SFR and stage
+    settings, and ``<method>_<field>`` for every registered method's own fields."""
+    names = _setting_names()
+    for name in list_methods():
+        names |= {f"{name}_{field}" for field in method_fields(get_method(name))}
     return sorted(names)
+
+
+def split_method_overrides(overrides: Mapping[str, Any], method: str | None = None
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Separate the ``<method>_<field>`` keys (a method's own fields, e.g. ``corrclip_masks``) from the
+    protocol / module settings, checking each value's type.
+
+    Args:
+        method: the method the segmenter runs; its fields are the only ones accepted (None: any).
+
+    Returns:
+        ``(settings, fields)``: the other overrides as given, and ``{field: value}`` of ``method``
+        (of every method named when ``method`` is None, keyed ``<method>_<field>``).
+
+    Raises:
+        TypeError: a value of the wrong type, or another method's field (naming both methods).
+    """
+    settings: dict[str, Any] = {}
+    fields: dict[str, Any] = {}
+    protocol_keys = _setting_names()
+    for key, value in overrides.items():
+        found = None if key in protocol_keys else _method_key(key)
+        if found is None:
+            settings[key] = value
+            continue
+        owner, name = found
+        if method is not None and owner != method:
+            own = ", ".join(method_fields(get_method(method))) or "none"
+            raise TypeError(f"setting {key} is a field of method {owner}, not of {method}; use "
+                            f"{method}_<field> (its fields: {own})")
+        checked = check_override(key, type(get_method(owner)), name, value)
+        fields[name if method is not None else key] = checked
+    return settings, fields
 
 
 def unknown_setting_message(key: str) -> str:
@@ -178,11 +236,18 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
     )
 
 
-def configured_method(name: str, fidelity: str, preset: str) -> BaseAttention:
-    """The registered method ``name`` with its fidelity switches and the fields ``preset`` sets."""
+def configured_method(name: str, fidelity: str, preset: str,
+                      fields: tuple[tuple[str, Any], ...] = ()) -> BaseAttention:
+    """The registered method ``name`` with its fidelity switches, the fields ``preset`` sets, then
+    ``fields`` (the caller's ``<method>_<field>`` settings, :attr:`SegmenterConfig.method_fields`).
+
+    Raises:
+        ValueError: a field value the method rejects (its message).
+    """
     method = get_method(name).for_fidelity(fidelity)
     chosen = PRESETS.get(preset)
     settings = chosen.method_settings(method.name) if chosen is not None else {}
+    settings = {**settings, **dict(fields)}
     if settings:  # a method's own fields the preset sets per dataset (e.g. PEARL's alpha_kk)
         method = dataclasses.replace(method, **settings)
     return method
@@ -198,7 +263,7 @@ def build_engine(visual: Any, config: SegmenterConfig, aux: Mapping[str, Any] | 
         ValueError: SFR on a method without attention scores, RCS layers outside the model, an
             auxiliary model the method needs missing, RCS / SFR on a last stage with its own grid.
     """
-    method = configured_method(config.method, config.fidelity, config.preset)
+    method = configured_method(config.method, config.fidelity, config.preset, config.method_fields)
     return DenseEngine(visual, method, config.rcs, config.sfr, config.trunk_attention, aux=aux)
 
 
@@ -228,7 +293,8 @@ def with_method(
             raise ValueError(f"{name}+{module}: the shared segmenter was built without {module.upper()} "
                              f"settings; create it with {module}=True")
         modules[module] = settings if wanted or wanted is None else None
-    config = dataclasses.replace(base.config, method=name, **modules)
+    fields = base.config.method_fields if name == base.config.method else ()  # another method's fields
+    config = dataclasses.replace(base.config, method=name, method_fields=fields, **modules)
     variant = copy.copy(base)  # everything else is shared or carried over unchanged
     variant.engine = build_engine(base.engine.visual, config, aux=base.engine.aux)
     variant.config = config
@@ -291,7 +357,9 @@ def create_segmenter(
         aux_pretrained: auxiliary models by kind, ``{"dino": path_or_name}`` (see :mod:`resclip.auxiliary`),
             for methods that read one (ProxyCLIP: ``"dino"``); each is loaded once per process and
             shared by every segmenter and variant that names it.
-        **overrides: protocol and module settings, see :func:`apply_overrides`.
+        **overrides: protocol and module settings, see :func:`apply_overrides`, and the method's own
+            fields as ``<method>_<field>`` (``proxyclip_beta=1.0``, ``corrclip_masks="given"``; see
+            :func:`method_fields`).
 
     Example:
         >>> seg = create_segmenter("naclip", preset="voc21", pretrained="/path/ViT-B-16.pt")  # doctest: +SKIP
@@ -306,11 +374,13 @@ def create_segmenter(
     chosen = get_preset(preset)
     if fidelity is not None:
         chosen = to_fidelity(chosen, fidelity)
+    overrides, own = split_method_overrides(overrides, base.name)
     chosen = apply_overrides(chosen, overrides)
     dev = resolve_device(device)
     resolve_precision(precision)
     aux_sources = check_aux_sources(aux_pretrained or {})
-    configured = configured_method(base.name, chosen.fidelity, chosen.name)
+    fields = tuple(sorted(own.items()))
+    configured = configured_method(base.name, chosen.fidelity, chosen.name, fields)
     for kind in configured.required_aux():
         if kind not in aux_sources:  # before any model is loaded
             raise ValueError(missing_aux_message(base.name, kind))
@@ -341,6 +411,7 @@ def create_segmenter(
         precision=precision,
         trunk_attention=trunk_attention or chosen.trunk_attention,
         aux=tuple(sorted((kind, str(src)) for kind, src in aux_sources.items())),
+        method_fields=fields,
     )
     engine = build_engine(loaded.model.visual, config, aux=aux)
     # not `text_cache or None`: an empty EmbeddingCache has len() == 0 and would be dropped

@@ -8,7 +8,8 @@ the baselines' own papers, so they run under the baseline repository's protocol 
 +ResCLIP and ablation row runs the released ResCLIP config of the dataset (preset ``<ds>``).
 
 :data:`METHOD_TABLES` holds the main results tables (eight benchmarks, mIoU %) of the other methods
-resclip implements, ids ``sc_clip``, ``sfp``, ``pearl`` and ``cliper``; each number's source is noted
+resclip implements, ids ``sc_clip``, ``sfp``, ``pearl``, ``cliper``, ``proxyclip``, ``trident`` and
+``corrclip``; each number's source is noted
 next to it. :func:`get_table` looks in both dicts.
 """
 
@@ -28,6 +29,9 @@ BACKBONES: dict[str, tuple[str, str]] = {
     "B/32": ("ViT-B-32", "openai"),
     "L/14": ("ViT-L-14", "openai"),
     "OpenCLIP B/16": ("ViT-B-16", "laion2b_s34b_b88k"),
+    "OpenCLIP H/14": ("ViT-H-14", "laion2b_s32b_b79k"),  # ProxyCLIP's, Trident's and CorrCLIP's H/14
+    "MetaCLIP B/16": ("ViT-B-16-quickgelu", "metaclip_fullcc"),  # CorrCLIP's release default
+    "MetaCLIP L/14": ("ViT-L-14-quickgelu", "metaclip_fullcc"),
 }
 
 
@@ -60,6 +64,7 @@ class Row:
         family: preset family (``"resclip"`` = the dataset's released ResCLIP preset, or ``"sclip"``,
             ``"clearclip"``, ``"naclip"``, ``"paper"``).
         rcs_layers: RCS layers (1-based) if not the preset's.
+        not_run: for a row with ``method=None`` of a method resclip implements, why it is not run.
     """
 
     label: str
@@ -70,6 +75,7 @@ class Row:
     sfr: bool = False
     family: str = "resclip"
     rcs_layers: tuple[int, ...] | None = None
+    not_run: str = ""  # why a row of an implemented method is listed but not run ("" = the default reason)
 
     def preset(self, dataset: str) -> str:
         """Preset name for ``dataset``."""
@@ -297,17 +303,22 @@ _RUNNABLE = {
     "SFP": ("sfp", "sfp"),
     "PEARL": ("pearl", "pearl"),
     "CLIPer": ("cliper", "cliper"),
+    "ProxyCLIP": ("proxyclip", "proxyclip"),
+    "Trident": ("trident", "trident"),
+    "CorrCLIP": ("corrclip", "corrclip"),
 }
 
 
-def _method_rows(spec: _Spec, not_run: tuple[str, ...] = ()) -> tuple[Row, ...]:
+def _method_rows(spec: _Spec, not_run: dict[str, str] | None = None) -> tuple[Row, ...]:
     """Rows from ``(label, backbone, values)``; the label's base name (before ``*`` or a space) picks
-    the method and preset family, labels in ``not_run`` and unknown names get ``method=None``."""
+    the method and preset family; labels in ``not_run`` (label -> why) and unknown names get
+    ``method=None``."""
     rows = []
+    skip = not_run or {}
     for label, bb, values in spec:
         base = label.split(" ")[0].rstrip("*")
-        if label in not_run or base not in _RUNNABLE:
-            rows.append(Row(label, bb, tuple(values)))
+        if label in skip or base not in _RUNNABLE:
+            rows.append(Row(label, bb, tuple(values), not_run=skip.get(label, "")))
         else:
             method, family = _RUNNABLE[base]
             rows.append(Row(label, bb, tuple(values), method, family=family))
@@ -388,7 +399,68 @@ _CLIPER: _Spec = [
 # the printed rows are listed, not run: FGC is out of scope, and the presets hold one window
 # setting per dataset (the "configs" row); the L/14 configs (other thresholds, select_layer -2 on
 # VOC21) are not presets yet
-_CLIPER_NOT_RUN = tuple(label for label, _, _ in _CLIPER if not label.endswith("(configs)"))
+_CLIPER_NOT_RUN = {label: ("CLIPer's diffusion-based fine-grained compensation (FGC) is not in resclip"
+                           if "FGC" not in label else
+                           "the cliper/<dataset> presets hold each config's one window setting: see the "
+                           "(configs) row")
+                   for label, _, _ in _CLIPER if not label.endswith("(configs)")}
+
+# ProxyCLIP (Lan et al., ECCV 2024, arXiv 2408.04883). Its own Table 1 was not readable from here; the
+# rows are its numbers as the Trident and CorrCLIP authors reprint them in the results tables committed
+# to their repositories (YuHengsss/Trident assets/data_result.png, commit 38e9b21; zdk258/CorrCLIP
+# images/result.png, commit b54c8a0). The two agree on every cell both print; L/14 is in CorrCLIP's only
+# (its cells average 42.94 against the printed 43.0). The release's default proxy is DINO ViT-B/8 (what
+# proxyclip/<dataset> runs); which VFM the printed rows used is not stated in those reprints.
+_PROXYCLIP: _Spec = [
+    ("ProxyCLIP", "B/16", [61.3, 35.3, 37.5, 80.3, 39.1, 26.5, 38.1, 20.2, 42.3]),
+    ("ProxyCLIP", "L/14", [60.6, 34.5, 39.2, 83.2, 37.7, 25.6, 40.1, 22.6, 43.0]),
+    ("ProxyCLIP", "OpenCLIP H/14", [65.0, 35.4, 38.6, 83.3, 39.6, 26.8, 42.0, 24.2, 44.4]),
+]
+
+# Trident (Shi et al., ICCV 2025, arXiv 2411.09219), main results as the release README shows them
+# (YuHengsss/Trident assets/data_result.png, commit 38e9b21, three days before arXiv v1; unchanged at
+# a93b346). Both rows average to the printed means; the v1 abstract's "44.4 to 48.6" is ProxyCLIP H/14
+# to Trident H/14. The release's evaluation command passes --sam_refine: trident/<dataset> refines.
+_TRIDENT: _Spec = [
+    ("Trident", "B/16", [67.1, 38.6, 41.1, 84.5, 42.2, 28.3, 42.9, 21.9, 45.8]),
+    ("Trident", "OpenCLIP H/14", [70.8, 40.1, 42.2, 88.7, 44.3, 28.6, 47.6, 26.7, 48.6]),
+]
+
+# CorrCLIP (Zhang et al., ICCV 2025), the release README's "results with different mask generators"
+# (zdk258/CorrCLIP CorrCLIPv1/README.md at 103bc18, added in 181ad57 for the ICCV version; printed
+# order VOC21 VOC20 PC59 PC60 City ADE Stuff Object, reordered here). "ViT-B" / "ViT-L" are the release's
+# MetaCLIP weights (its base config; the README does not say so in the table). SAM2_32 are the masks the
+# README says reproduce the paper (its pre-generated region_masks.zip: run them with eval --regions);
+# SAM2_8 is the release's on-line generator, which corrclip/<dataset> runs. Mask2Former, EoMT and
+# EntitySeg masks are not generated by resclip (give their instance maps with --regions). The arXiv v1
+# rows (images/result.png at b54c8a0, an earlier version of the method, CLIP weights not stated) are
+# kept for reference: B/16 49.7, L/14 51.0 (the v1 abstract's 51.0), H/14 50.0. Every row's cells
+# average to its printed mean (within 0.05).
+_CORRCLIP: _Spec = [
+    ("CorrCLIP SAM2_32", "MetaCLIP B/16", [74.8, 44.2, 43.7, 88.8, 48.8, 31.6, 49.4, 26.9, 51.0]),
+    ("CorrCLIP SAM2_8", "MetaCLIP B/16", [73.9, 43.7, 43.6, 87.6, 48.0, 31.8, 47.9, 26.5, 50.4]),
+    ("CorrCLIP Mask2Former", "MetaCLIP B/16", [73.9, 43.7, 46.2, 87.8, 48.2, 33.9, 44.3, 24.6, 50.3]),
+    ("CorrCLIP EoMT", "MetaCLIP B/16", [76.0, 45.4, 46.6, 90.6, 50.4, 34.5, 48.0, 26.7, 52.3]),
+    ("CorrCLIP EntitySeg", "MetaCLIP B/16", [76.2, 45.7, 44.5, 89.6, 50.7, 32.4, 51.6, 28.6, 52.4]),
+    ("CorrCLIP SAM2_32", "MetaCLIP L/14", [76.7, 44.9, 49.4, 91.5, 50.8, 34.0, 51.1, 30.7, 53.6]),
+    ("CorrCLIP SAM2_8", "MetaCLIP L/14", [76.2, 44.2, 49.0, 91.2, 49.9, 33.7, 48.9, 29.8, 52.9]),
+    ("CorrCLIP Mask2Former", "MetaCLIP L/14", [76.3, 44.6, 52.2, 90.8, 50.2, 35.6, 45.4, 26.9, 52.7]),
+    ("CorrCLIP EoMT", "MetaCLIP L/14", [78.0, 46.4, 52.9, 92.2, 52.8, 36.3, 50.2, 30.1, 54.9]),
+    ("CorrCLIP EntitySeg", "MetaCLIP L/14", [78.9, 46.8, 51.0, 92.0, 53.0, 34.9, 53.7, 32.6, 55.4]),
+    ("CorrCLIP (arXiv v1)", "B/16", [72.5, 42.0, 43.7, 88.7, 46.2, 30.6, 48.3, 25.3, 49.7]),
+    ("CorrCLIP (arXiv v1)", "L/14", [73.2, 41.0, 46.0, 90.6, 47.5, 32.0, 49.0, 29.1, 51.0]),
+    ("CorrCLIP (arXiv v1)", "OpenCLIP H/14", [74.1, 40.3, 43.6, 91.6, 45.5, 30.6, 47.7, 27.0, 50.0]),
+]
+# only the on-line SAM 2 rows are what corrclip/<dataset> computes
+_CORRCLIP_NOT_RUN = {
+    "CorrCLIP SAM2_32": "the release's pre-generated SAM 2 masks (32 points per side): run them with "
+                        "resclip eval --method corrclip --regions DIR",
+    "CorrCLIP Mask2Former": "Mask2Former masks are not generated by resclip: give them with eval "
+                            "--regions DIR",
+    "CorrCLIP EoMT": "EoMT masks are not generated by resclip: give them with eval --regions DIR",
+    "CorrCLIP EntitySeg": "EntitySeg masks are not generated by resclip: give them with eval --regions DIR",
+    "CorrCLIP (arXiv v1)": "an earlier version of the method (arXiv v1), not the released code",
+}
 
 #: Main results tables of the other implemented methods' papers, by id (lower case).
 METHOD_TABLES: dict[str, PaperTable] = {
@@ -416,6 +488,24 @@ METHOD_TABLES: dict[str, PaperTable] = {
         _cols(_EIGHT_NAMES, ALL_EIGHT),
         _method_rows(_CLIPER, not_run=_CLIPER_NOT_RUN),
     ),
+    "proxyclip": PaperTable(
+        "proxyclip",
+        "ProxyCLIP main results, eight benchmarks (mIoU %; as Trident's and CorrCLIP's tables reprint them)",
+        _cols(_EIGHT_NAMES, ALL_EIGHT),
+        _method_rows(_PROXYCLIP),
+    ),
+    "trident": PaperTable(
+        "trident",
+        "Trident main results, eight benchmarks (mIoU %; the release README's table)",
+        _cols(_EIGHT_NAMES, ALL_EIGHT),
+        _method_rows(_TRIDENT),
+    ),
+    "corrclip": PaperTable(
+        "corrclip",
+        "CorrCLIP results by mask generator (release README, ICCV version) and arXiv v1, mIoU %",
+        _cols(_EIGHT_NAMES, ALL_EIGHT),
+        _method_rows(_CORRCLIP, not_run=_CORRCLIP_NOT_RUN),
+    ),
 }
 
 #: Every table :func:`get_table` knows: the ResCLIP paper's, then the other methods'.
@@ -423,14 +513,16 @@ ALL_TABLES: dict[str, PaperTable] = {**TABLES, **METHOD_TABLES}
 
 
 def table_ids() -> list[str]:
-    """Ids of every table, for ``--table`` help: ``1, 2, 3, 4, A1, A2, sc_clip, sfp, pearl, cliper``."""
+    """Ids of every table, for ``--table`` help: ``1, 2, 3, 4, A1, A2, sc_clip, sfp, pearl, cliper,
+    proxyclip, trident, corrclip``."""
     return list(ALL_TABLES)
 
 
 def get_table(table_id: str) -> PaperTable:
     """Look up a table by id, case-insensitively: the ResCLIP paper's ``"1"``, ``"2"``, ``"3"``,
     ``"4"``, ``"A1"``, ``"A2"`` (also ``"table a1"``) or another method's ``"sc_clip"``, ``"sfp"``,
-    ``"pearl"``, ``"cliper"`` (``-`` may stand for ``_``: ``"SC-CLIP"``)."""
+    ``"pearl"``, ``"cliper"``, ``"proxyclip"``, ``"trident"``, ``"corrclip"`` (``-`` may stand for ``_``:
+    ``"SC-CLIP"``)."""
     key = str(table_id).strip().upper().removeprefix("TABLE").strip().replace("-", "_")
     for tid, table in ALL_TABLES.items():
         if tid.upper() == key:

@@ -211,6 +211,7 @@ class SegmenterConfig:
     precision: str
     trunk_attention: str = "explicit"  # blocks 1..L-1: "explicit" (released ResCLIP) or "fused"
     aux: tuple[tuple[str, str], ...] = ()  # (kind, source) of the auxiliary models, sorted
+    method_fields: tuple[tuple[str, Any], ...] = ()  # the method's own fields set by the caller, sorted
 
     def __post_init__(self) -> None:
         # a protocol with its own image pipeline: (method it needs, what it is, what RCS / SFR lack there)
@@ -340,6 +341,12 @@ class Segmenter:
         return self.model is None
 
     # ------------------------------------------------------------------ image
+    @property
+    def reads_regions(self) -> bool:
+        """True when :meth:`predict` uses an instance map (``regions=``): the method reads regions
+        (CorrCLIP) or the protocol votes with them (``region_vote``)."""
+        return bool(self.engine.method.uses_regions or self.protocol.region_vote)
+
     def check_size(self, size: tuple[int, int]) -> None:
         """Reject an image that stays thinner than one patch after resizing.
 
@@ -469,7 +476,14 @@ class Segmenter:
 
         Returns:
             A :class:`SegResult` at the original image size.
+
+        Raises:
+            ValueError: ``regions`` for a segmenter that reads none (:attr:`reads_regions`), or not of
+                the image's size.
         """
+        if regions is not None and not self.reads_regions:
+            raise ValueError(f"regions= would not be used: method {self.config.method!r} reads no instance "
+                             "map; use corrclip or a protocol with region_vote=True")
         rgb = load_image(image)
         self.check_size(rgb.shape[:2])
         spec, text = self.encode_classes(classes, embeddings)
@@ -505,7 +519,7 @@ class Segmenter:
             ValueError: ``regions`` not of the image's size; no ``sam`` auxiliary model to make them.
         """
         method = self.engine.method
-        if not (method.uses_regions or self.protocol.region_vote):
+        if not self.reads_regions:
             return None
         h, w = rgb.shape[:2]
         if regions is not None:

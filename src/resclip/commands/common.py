@@ -91,7 +91,7 @@ def add_runtime_arguments(group: Any, set_help: str = SET_HELP) -> None:
         action="append",
         default=[],
         metavar="KIND=SOURCE",
-        help="an auxiliary model for the methods that read one (kinds: dino, sam), e.g. "
+        help="an auxiliary model for the methods that read one (kinds: dino, sam, mae), e.g. "
         "--aux-pretrained dino=dino_vitb8_pretrain.pth for proxyclip (repeatable)",
     )
 
@@ -120,7 +120,7 @@ def parse_aux_pretrained(items: list[str]) -> dict[str, str]:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Parse ``KEY=VALUE`` strings; values are Python literals (numbers, tuples, None) or strings."""
-    from ..factory import apply_overrides, unknown_setting_message, valid_overrides
+    from ..factory import apply_overrides, split_method_overrides, unknown_setting_message, valid_overrides
     from ..presets import get_preset
 
     out: dict[str, Any] = {}
@@ -137,7 +137,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key] = raw.strip()
     try:  # check every value's type now, with its key named, before any model is loaded
-        apply_overrides(get_preset("default"), out)
+        settings, _ = split_method_overrides(out)
+        apply_overrides(get_preset("default"), settings)
     except TypeError as err:
         raise UserError(f"--set {err}") from err
     except ValueError:
@@ -202,6 +203,47 @@ def cli_warnings(stream: TextIO | None = None) -> Iterator[None]:
 # ------------------------------------------------------------------ evaluation runs (eval, sweep, reproduce)
 
 
+def add_regions_argument(parser: argparse.ArgumentParser) -> None:
+    """--regions DIR: each image's instance map from a folder (CorrCLIP's pre-generated masks)."""
+    parser.add_argument(
+        "--regions", default=None, metavar="DIR",
+        help="instance maps, one <image stem>.npz (key instance_mask, as CorrCLIP's pre-generated "
+        "region_masks), .npy or 1-channel .png per image at its size, for a method that reads regions "
+        "(corrclip, region_vote); corrclip then needs no SAM 2 (its <method>_masks becomes 'given')",
+    )
+
+
+def regions_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """With --regions, a method that makes its own instance maps (a ``masks`` field: CorrCLIP) reads
+    the given ones instead, unless --set names that field."""
+    from ..factory import method_fields
+    from ..methods import get_method
+
+    if not getattr(args, "regions", None):
+        return {}
+    name = get_method("naclip" if args.method == METHOD_ALIAS else args.method).name
+    key = f"{name}_masks"
+    if "masks" not in method_fields(get_method(name)) or any(o.startswith(f"{key}=") for o in args.overrides):
+        return {}
+    return {key: "given"}
+
+
+def check_regions_dir(folder: str, stems: list[str]) -> None:
+    """Fail before the model loads when the --regions folder or an image's instance map is missing.
+
+    Raises:
+        UserError: naming the folder and the first image without a map.
+    """
+    from ..corrclip import instance_map_file
+
+    if not Path(folder).expanduser().is_dir():
+        raise UserError(f"--regions folder {folder!r} does not exist")
+    missing = [stem for stem in stems if instance_map_file(Path(folder).expanduser(), stem) is None]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(stems)} images have no instance map in {folder!r} (first: "
+                        f"{missing[0]!r}; expected <image stem>.npz, .npy or .png)")
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """--limit, --workers, --state-dir, --fresh, --save-every, --no-progress."""
     g = parser.add_argument_group("run")
@@ -254,6 +296,7 @@ def evaluation_options(args: argparse.Namespace, output: str | None) -> dict[str
         "save_every": args.save_every,
         "progress": args.progress,
         "release_text_tower": True,  # a command's segmenter serves one class list
+        "regions_dir": getattr(args, "regions", None),
     }
 
 

@@ -17,9 +17,12 @@ from ..dataset_specs import get_dataset_spec, list_datasets, root_names
 from .common import (
     add_data_arguments,
     add_model_arguments,
+    add_regions_argument,
+    check_regions_dir,
     check_run_args,
     check_writable,
     evaluation_options,
+    regions_overrides,
     segmenter_from_args,
 )
 
@@ -51,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="write one <image stem>.png per image with the ground truth's values and size",
     )
+    add_regions_argument(parser)
     add_model_arguments(parser, default_preset=DATASET_DEFAULT)
     add_data_arguments(parser)
 
@@ -68,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if args.class_file is None and preset.dataset == spec.name:
         found = preset.class_file_path()  # a repository's own class names for this benchmark
         args.class_file = str(found) if found is not None else None
-    list_samples(spec, args.root, args.limit)  # fail on missing data before loading a model
+    samples = list_samples(spec, args.root, args.limit)  # fail on missing data before loading a model
+    if args.regions:
+        check_regions_dir(args.regions, [s.stem for s in samples])
     if args.output:  # fail on unwritable outputs before any work
         check_writable(Path(args.output).expanduser().parent, "results")
     if args.save_predictions:
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     with distributed(args.device) as (info, args.device):
-        seg = segmenter_from_args(args)
+        seg = segmenter_from_args(args, regions_overrides(args))
         result = evaluate(seg, spec.name, args.root, **evaluation_options(args, args.output))
         if not math.isfinite(result.miou):  # evaluate() rejects this case; never report it as success
             print(f"resclip: error: the mIoU of {spec.name} is not a number ({result.miou})", file=sys.stderr)

@@ -25,6 +25,8 @@ METHODS: tuple[tuple[str, str], ...] = (
     ('pearl', 'PEARL: Procrustes-aligned q-k attention + centred k-k term (TLP in its presets)'),
     ('proxyclip',
      "ProxyCLIP: the last block attends with DINO's patch correspondence (needs --aux-pretrained dino=...)"),
+    ('proxyclip_mae',
+     "ProxyCLIP with an MAE encoder's correspondence as the proxy (needs --aux-pretrained mae=...)"),
     ('proxyclip_sam',
      "ProxyCLIP with SAM's image-encoder correspondence as the proxy (needs --aux-pretrained sam=...)"),
     ('sc_clip', 'SC-CLIP: LOF-repaired tokens, similarity-prior k-k attention, multi-level fusion'),

@@ -246,7 +246,7 @@ def fill_table(table: PaperTable, rows: list[Row], runner: Runner) -> list[list[
 
 def _cell(row: Row, col: Column, paper: float | None, runner: Runner) -> Cell:
     if row.method is None:
-        return Cell(None, paper, "not implemented in resclip (trained or other method)")
+        return Cell(None, paper, row.not_run or "not implemented in resclip (trained or other method)")
     missing = [runner.roots[ds][1] for ds in col.datasets if runner.roots[ds][0] is None]
     if missing:  # never spend time on part of an average that cannot be completed
         return Cell(None, paper, missing[0])

@@ -44,7 +44,15 @@ from typing import TYPE_CHECKING, Any, cast
 from ..fileio import atomic_write_all
 from ..palettes import PALETTES
 from ..results import OutputOptions
-from .common import UserError, add_model_arguments, cli_warnings, segmenter_from_args
+from .common import (
+    UserError,
+    add_model_arguments,
+    add_regions_argument,
+    check_regions_dir,
+    cli_warnings,
+    regions_overrides,
+    segmenter_from_args,
+)
 
 if TYPE_CHECKING:  # `resclip segment --help` must not import torch: heavy modules load in `run`
     import numpy as np
@@ -279,6 +287,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="background threads that decode the next images and write finished ones "
                         "while the model runs (default: 1; 0: all in the main thread)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_regions_argument(parser)
     add_model_arguments(parser, default_preset="default")
 
 
@@ -296,7 +305,9 @@ def run(args: argparse.Namespace) -> int:
     images = expand_inputs(args.images)
     out = Path(args.out).expanduser()
     jobs = plan_jobs(images, out, args.overwrite)
-    seg = segmenter_from_args(args)
+    if args.regions:
+        check_regions_dir(args.regions, [job.image.stem for job in jobs])
+    seg = segmenter_from_args(args, regions_overrides(args))
     spec, emb = seg.encode_classes(cast(Any, spec))
     seg.release_text_tower()  # the classes are fixed for the run: only the visual tower is needed
     skipped: list[Job] = []
@@ -324,6 +335,7 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
     from PIL import Image
     from tqdm import tqdm
 
+    from ..corrclip import instance_map_file, read_instance_map
     from ..preprocess import load_image
 
     if not jobs:
@@ -357,7 +369,11 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
             try:
                 with cli_warnings():  # a fresh context per image: its warnings are shown for every image
                     rgb = loads.pop(i).result() if pool is not None else load_image(job.image)
-                    result = seg.predict(rgb, cast(Any, spec), embeddings=emb)
+                    regions = None
+                    if args.regions:
+                        found = instance_map_file(Path(args.regions).expanduser(), job.image.stem)
+                        regions = read_instance_map(found) if found is not None else None
+                    result = seg.predict(rgb, cast(Any, spec), embeddings=emb, regions=regions)
                 if pool is not None:
                     writes.append((job, pool.submit(write, job, result)))
                 else:

@@ -17,8 +17,10 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from ..classes import ClassSpec, read_class_file
+from ..corrclip import instance_map_file
 from ..datasets import (
     DatasetError,
+    DatasetNotFoundError,
     DatasetSpec,
     LoadedSample,
     Sample,
@@ -52,14 +54,16 @@ def benchmark_class_lines(
     return lines, str(path)
 
 
-def segment_mask(seg: Segmenter, rgb: np.ndarray, classes: ClassSpec, text: torch.Tensor) -> np.ndarray:
+def segment_mask(seg: Segmenter, rgb: np.ndarray, classes: ClassSpec, text: torch.Tensor,
+                 regions: np.ndarray | None = None) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` class indices at the image's size, with precomputed query
-    embeddings (``seg.predict(...).mask``; probabilities are never built).
+    embeddings (``seg.predict(...).mask``; probabilities are never built); ``regions``: the image's
+    ``(H, W)`` instance map for a segmenter that reads one.
 
     Raises:
-        ValueError: the image is too thin to segment.
+        ValueError: the image is too thin to segment; ``regions`` not of the image's size.
     """
-    return seg.predict(rgb, classes, embeddings=text).mask  # type: ignore[arg-type]  # parsed as is
+    return seg.predict(rgb, classes, embeddings=text, regions=regions).mask  # type: ignore[arg-type]
 
 
 def _say(msg: str, dist: DistInfo) -> None:
@@ -79,7 +83,12 @@ class _Scorer:
     def __call__(self, item: LoadedSample) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
         if item.error is not None or item.image is None or item.label is None:
             raise DatasetError(item.error or f"could not read {item.sample.image}")
-        mask = segment_mask(self.seg, item.image, self.classes, self.text)
+        try:
+            mask = segment_mask(self.seg, item.image, self.classes, self.text, item.regions)
+        except ValueError as err:
+            if item.regions is None or not str(err).startswith("regions must be"):
+                raise
+            raise DatasetError(f"{item.sample.stem}: {err}") from None
         return sparse_confusion(mask, item.label, self.spec.num_classes), mask
 
 
@@ -97,6 +106,7 @@ def evaluate(
     save_every: int = 50,
     progress: bool = True,
     release_text_tower: bool = False,
+    regions_dir: str | os.PathLike[str] | None = None,
 ) -> EvalResult:
     """Score a segmenter on a benchmark exactly as the papers do (dataset-level mIoU).
 
@@ -120,32 +130,41 @@ def evaluate(
         progress: show a progress bar (rank 0 only).
         release_text_tower: free ``seg``'s text tower once the classes are encoded (the commands do:
             their segmenter serves one dataset); keep False to use ``seg`` with other class lists.
+        regions_dir: a folder of instance maps, one ``<image stem>.npz`` (CorrCLIP's pre-generated
+            masks: key ``instance_mask``), ``.npy`` or ``.png`` per image at its original size
+            (:func:`resclip.corrclip.read_instance_map`), for a segmenter that reads regions
+            (CorrCLIP, ``region_vote``) instead of making them with SAM 2.
 
     Returns:
         An :class:`EvalResult` (``confusion`` is ``(C, C)`` int64, rows = ground truth).
 
     Raises:
-        DatasetError: an unreadable image or label, or no labelled pixel in any scored image (the
-            mIoU would not be a number).
+        DatasetError: an unreadable image, label or instance map, or no labelled pixel in any scored
+            image (the mIoU would not be a number).
+        DatasetNotFoundError: an image without its instance map in ``regions_dir``.
+        ValueError: ``regions_dir`` for a segmenter that reads no regions.
         OutputError: a prediction PNG could not be written (the message names it).
     """
     started = time.time()
     spec = get_dataset_spec(dataset)
     samples = list_samples(spec, root, limit)
+    if regions_dir is not None:
+        check_regions_dir(seg, samples, regions_dir)
     lines, cls_path = benchmark_class_lines(spec, class_file)
     classes, text = _encode(seg, lines, shipped=class_file is None)
     if release_text_tower:
         seg.release_text_tower()
     dist = current_dist()
-    key = state_key(seg, spec, root, lines)
+    key = state_key(seg, spec, root, lines, regions_dir)
     meta = {"dataset": spec.name, "root": str(root), "config": seg.config.to_dict()}
     store = ProgressStore(Path(state_dir) if state_dir else default_state_dir(), key, meta)
     store.check_writable()
     pred_dir = Path(save_predictions) if save_predictions is not None else None
-    todo, sources, prior = _plan(samples, store, resume, pred_dir, spec, dist)
+    todo, sources, prior = _plan(samples, store, resume, pred_dir, spec, dist, regions_dir)
     mine = [(samples[i], sources[i]) for i in todo[dist.rank :: dist.world_size]]
     show = progress and dist.rank == 0
-    new = _run_images(_Scorer(seg, spec, classes, text), mine, store, pred_dir, workers, save_every, show)
+    new = _run_images(_Scorer(seg, spec, classes, text), mine, store, pred_dir, workers, save_every, show,
+                      regions_dir)
     local = ConfusionMatrix(spec.num_classes)
     for entry in new.values():
         local.add_sparse(entry.flat, entry.counts)
@@ -170,6 +189,24 @@ def evaluate(
         state_key=key,
         unassigned=unassigned,
     )
+
+
+def check_regions_dir(seg: Segmenter, samples: list[Sample], regions_dir: str | os.PathLike[str]) -> None:
+    """Fail before any work when ``seg`` reads no regions, or when images have no instance map there.
+
+    Raises:
+        ValueError: a segmenter without regions; DatasetNotFoundError: the folder or a file is missing.
+    """
+    if not seg.reads_regions:
+        raise ValueError(f"instance maps from {os.fspath(regions_dir)!r} would not be used: method "
+                         f"{seg.config.method!r} reads no regions; use corrclip or --set region_vote=True")
+    if not Path(regions_dir).is_dir():
+        raise DatasetNotFoundError(f"instance-map folder {os.fspath(regions_dir)!r} does not exist")
+    missing = [s.stem for s in samples if instance_map_file(regions_dir, s.stem) is None]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{len(missing)} of {len(samples)} images have no instance map in {os.fspath(regions_dir)!r} "
+            f"(first: {missing[0]!r}; expected <image stem>.npz, .npy or .png)")
 
 
 def _encode(seg: Segmenter, lines: list[str], shipped: bool) -> tuple[ClassSpec, torch.Tensor]:
@@ -197,11 +234,12 @@ def _plan(
     pred_dir: Path | None,
     spec: DatasetSpec,
     dist: DistInfo,
+    regions_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[list[int], list[str], ConfusionMatrix]:
     """The indices left to score (decided by rank 0, shared with every rank), every sample's source
     identity, and the summed counts of the images reused; says what it found on stderr."""
     done = _load_done(store, resume, dist)
-    plan = plan_resume(samples, done, pred_dir, spec.num_classes) if dist.rank == 0 else None
+    plan = plan_resume(samples, done, pred_dir, spec.num_classes, regions_dir) if dist.rank == 0 else None
     if dist.world_size > 1:  # rank 0 decides, so that every rank works on the same list
         shared: list[Any] = [plan]
         tdist.broadcast_object_list(shared, src=0)
@@ -256,6 +294,7 @@ def _run_images(
     workers: int,
     save_every: int,
     show: bool,
+    regions_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Entry]:
     """Score ``samples`` (with their :func:`sample_source`; decoded by ``workers`` loader processes);
     returns their entries, saved to ``store`` every ``save_every`` images and when anything interrupts
@@ -265,7 +304,7 @@ def _run_images(
         return new
     spec = score.spec
     source = {s.id: src for s, src in samples}
-    loader = image_loader([s for s, _ in samples], spec, workers)
+    loader = image_loader([s for s, _ in samples], spec, workers, regions_dir)
     running = ConfusionMatrix(spec.num_classes)
     saved = 0
     bar = tqdm(

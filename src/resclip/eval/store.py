@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..datasets import DatasetSpec, Sample
+from ..datasets import DatasetNotFoundError, DatasetSpec, Sample, regions_file
 from ..digest import bytes_digest, file_digest, module_digest
 from ..fileio import OutputError, atomic_write, cache_root
 from ..segmenter import Segmenter
@@ -53,8 +53,9 @@ def default_state_dir() -> Path:
     return cache_root() / "eval"
 
 
-def sample_source(sample: Sample) -> str:
-    """The identity of an image's files: image size and mtime, annotation size and content sha256.
+def sample_source(sample: Sample, regions_dir: str | os.PathLike[str] | None = None) -> str:
+    """The identity of an image's files: image size and mtime, annotation size and content sha256,
+    and with ``regions_dir`` its instance map's name and content sha256.
 
     Saved next to the image's counts; a resumed evaluation scores the image again when it differs.
     A file that cannot be read gives ``""`` (which matches nothing).
@@ -63,9 +64,13 @@ def sample_source(sample: Sample) -> str:
         image = os.stat(sample.image)
         label = os.stat(sample.label)
         content = file_digest(sample.label)
-    except OSError:
+        source = f"image {image.st_size} {image.st_mtime_ns}; annotation {label.st_size} {content}"
+        if regions_dir is not None:
+            found = regions_file(sample, regions_dir)
+            source += f"; regions {found.name} {file_digest(found)}"
+    except (OSError, DatasetNotFoundError):
         return ""
-    return f"image {image.st_size} {image.st_mtime_ns}; annotation {label.st_size} {content}"
+    return source
 
 
 def _entry_check(image_id: str, entry: Entry) -> str:
@@ -232,9 +237,11 @@ class ProgressStore:
                     path.unlink(missing_ok=True)
 
 
-def state_key(seg: Segmenter, spec: DatasetSpec, root: str | os.PathLike[str], lines: list[str]) -> str:
+def state_key(seg: Segmenter, spec: DatasetSpec, root: str | os.PathLike[str], lines: list[str],
+              regions_dir: str | os.PathLike[str] | None = None) -> str:
     """Hash of everything that decides an image's confusion counts (except the image's files, whose
-    identity is saved per image): protocol, both towers' weight digests, dataset, root, classes, device."""
+    identity is saved per image): protocol, both towers' weight digests, dataset, root, classes, device,
+    and the instance-map folder when regions are read from one."""
     text = seg.fingerprint or (text_fingerprint(seg.model) if seg.model is not None else "")
     payload = {
         "version": STATE_VERSION,
@@ -246,6 +253,8 @@ def state_key(seg: Segmenter, spec: DatasetSpec, root: str | os.PathLike[str], l
         "classes": lines,
         "device": seg.device.type,
     }
+    if regions_dir is not None:
+        payload["regions"] = str(Path(regions_dir).expanduser().resolve())
     blob = json.dumps(payload, sort_keys=True, default=str)
     return f"{spec.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
@@ -270,15 +279,17 @@ def _prediction_matches(path: Path, digest: str) -> bool:
 
 
 def plan_resume(
-    samples: list[Sample], done: dict[str, Entry], pred_dir: Path | None, num_classes: int
+    samples: list[Sample], done: dict[str, Entry], pred_dir: Path | None, num_classes: int,
+    regions_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[list[int], list[str], str]:
     """Indices to score, every sample's :func:`sample_source`, and why saved images are scored again.
 
-    A saved image is reused only if its files have the saved identity and, with ``pred_dir``, its
-    prediction PNG is the one written (a missing, truncated or replaced PNG is recomputed).
+    A saved image is reused only if its files (with ``regions_dir``, its instance map too) have the
+    saved identity and, with ``pred_dir``, its prediction PNG is the one written (a missing,
+    truncated or replaced PNG is recomputed).
     """
     todo: list[int] = []
-    sources = [sample_source(s) for s in samples]
+    sources = [sample_source(s, regions_dir) for s in samples]
     changed = damaged = 0
     for i, s in enumerate(samples):
         entry = done.get(s.id)
@@ -292,7 +303,8 @@ def plan_resume(
             damaged += (pred_dir / f"{s.stem}.png").exists()
     reasons = []
     if changed:
-        reasons.append(f"{changed} image(s) whose image or annotation changed since they were scored")
+        files = "image, annotation or instance map" if regions_dir is not None else "image or annotation"
+        reasons.append(f"{changed} image(s) whose {files} changed since they were scored")
     if damaged:
         reasons.append(f"{damaged} image(s) whose saved prediction PNG is not the one written")
     return todo, sources, "; ".join(reasons)

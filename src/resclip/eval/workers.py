@@ -78,10 +78,12 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
-def image_loader(samples: list[Sample], spec: DatasetSpec, workers: int) -> torch.utils.data.DataLoader:
-    """Decode ``samples`` in order, in ``workers`` processes (0: in this one) that die with this process."""
+def image_loader(samples: list[Sample], spec: DatasetSpec, workers: int,
+                 regions_dir: str | os.PathLike[str] | None = None) -> torch.utils.data.DataLoader:
+    """Decode ``samples`` in order (with their instance maps from ``regions_dir``), in ``workers``
+    processes (0: in this one) that die with this process."""
     return torch.utils.data.DataLoader(
-        BenchmarkImages(samples, spec),
+        BenchmarkImages(samples, spec, regions_dir),
         batch_size=None,
         shuffle=False,
         num_workers=workers,

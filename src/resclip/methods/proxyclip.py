@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import layer_norm, merge_heads
-from ..auxiliary import aux_patch_size, dino_tokens, imagenet_input, sam_tokens
+from ..auxiliary import aux_patch_size, dino_tokens, imagenet_input, mae_tokens, sam_tokens
 from ..vit import project_tokens
 from .base import BaseAttention, StageContext, register_method
 
-VFMS = ("dino", "sam")
+VFMS = ("dino", "sam", "mae")
 
 
 def proxy_scores(tokens: torch.Tensor, beta: float, gamma: float, per_window: bool = True) -> torch.Tensor:
@@ -116,13 +116,18 @@ class ProxyCLIP(BaseAttention):
         beta: shift of the similarity mean in the normalisation.
         gamma: scale of the normalised similarities.
         vfm: the auxiliary model kind whose correspondence is the proxy: ``"dino"`` (the release's
-            default, DINO ViT-B/8) or ``"sam"`` (SAM ViT-B's image encoder on the window resized to
-            1024 x 1024, a 64 x 64 grid).
+            default, DINO ViT-B/8; a DINOv2 file is the release's ``dinov2`` proxy,
+            ``dinov2_vitb14_reg``), ``"sam"`` (SAM ViT-B's image encoder on the window resized to
+            1024 x 1024, a 64 x 64 grid) or ``"mae"`` (an MAE ViT-B/16 encoder on the window resized
+            to ``mae_input`` squared).
+        mae_input: the side MAE sees (the release resizes every window to its ``slide_crop``; the
+            proxyclip presets set it from theirs).
     """
 
     beta: float = 1.2
     gamma: float = 3.0
     vfm: str = "dino"
+    mae_input: int = 336
 
     replaces_last_block = True
     aux_models: ClassVar[tuple[str, ...]] = ("dino",)
@@ -131,6 +136,8 @@ class ProxyCLIP(BaseAttention):
         super().__post_init__()
         if self.vfm not in VFMS:
             raise ValueError(f"proxyclip vfm must be one of {VFMS}, got {self.vfm!r}")
+        if not isinstance(self.mae_input, int) or self.mae_input < 1:
+            raise ValueError(f"proxyclip mae_input must be a positive integer, got {self.mae_input!r}")
 
     @property
     def has_scores(self) -> bool:
@@ -141,15 +148,15 @@ class ProxyCLIP(BaseAttention):
         return (self.vfm,)
 
     def out_patch(self, clip_patch: int, aux: Mapping[str, Any]) -> int | None:
-        if self.vfm == "sam":
-            return None  # SAM's 64 x 64 grid, whatever the window
+        if self.vfm in ("sam", "mae"):
+            return None  # SAM's 64 x 64 grid / MAE's mae_input grid, whatever the window
         model = aux.get(self.vfm)
         return aux_patch_size(model) if model is not None else clip_patch
 
     def vfm_scores(self, ctx: StageContext) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(B, M, M)`` proxy scores of the windows and the VFM grid, computed once per engine call
         (kept in ``ctx.memo`` for SFR's second pass)."""
-        key = f"proxyclip|{self.vfm}|{self.beta}|{self.gamma}"
+        key = f"proxyclip|{self.vfm}|{self.beta}|{self.gamma}|{self.mae_input}"
         if key not in ctx.memo:
             if ctx.crops is None:
                 raise ValueError("proxyclip needs the window images (StageContext.crops)")
@@ -157,6 +164,8 @@ class ProxyCLIP(BaseAttention):
             model = ctx.aux[self.vfm]
             if self.vfm == "sam":
                 tokens, grid = sam_tokens(model, images)
+            elif self.vfm == "mae":
+                tokens, grid = mae_tokens(model, images, self.mae_input)
             else:
                 tokens, grid = dino_tokens(model, images, ctx.explicit)
             if ctx.trace is not None:
@@ -200,5 +209,15 @@ register_method(
         description="ProxyCLIP with SAM's image-encoder correspondence as the proxy "
         "(needs --aux-pretrained sam=...)",
         title="ProxyCLIP (SAM)",
+    )
+)
+register_method(
+    ProxyCLIP(
+        "proxyclip_mae",
+        keep_residual=False,
+        vfm="mae",
+        description="ProxyCLIP with an MAE encoder's correspondence as the proxy "
+        "(needs --aux-pretrained mae=...)",
+        title="ProxyCLIP (MAE)",
     )
 )
