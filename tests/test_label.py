@@ -387,3 +387,47 @@ def test_an_image_listed_twice_is_refused(folder: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="twice"):
         label([str(folder / "im0.jpg")] * 2, CLASSES, tmp_path / "o", pretrained=None)
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ regions
+def test_instance_maps_from_a_folder(folder: Path, tmp_path: Path, golden_ckpt_b16: Path, tiny64: Path):
+    """``regions=`` / ``--regions``: CorrCLIP labels each image with its own map (by id, or by the id
+    without its image suffix, in sub-folders too), needs no SAM 2, records the folder; an image
+    without a map is a failed row naming it; a method that reads no regions is refused before any work."""
+    import resclip
+    from resclip.corrclip import read_instance_map
+
+    aux = {"dino": str(Path(__file__).parent / "data" / "golden" / "aux" / "dino_vitb16_tiny_fp16.pth")}
+    maps = tmp_path / "maps"
+    (maps / "sub").mkdir(parents=True)
+    ids = ["im0.jpg", "im2.png", "im4.png", "sub/im1.png", "sub/im3.jpg"]
+    for n, image_id in enumerate(ids[:-1]):
+        with Image.open(folder / image_id) as img:
+            w, h = img.size
+        m = np.zeros((h, w), np.int32)
+        m[:, w // 3:] = 1 + n
+        name = image_id if n % 2 else image_id.rsplit(".", 1)[0]  # both namings are found
+        np.savez(maps / f"{name}.npz", instance_mask=m)
+    settings = {"short_side": 64, "slide_crop": 0, "rcs": False, "sfr": False, "corrclip_masks": "given"}
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="custom ViT"):
+        summary = label(folder, CLASSES, out, method="corrclip", preset="corrclip/voc21",
+                        pretrained=str(golden_ckpt_b16), device="cpu", save_masks=True, progress=False,
+                        aux_pretrained=aux, regions=maps, **settings)
+    assert summary.images == 5 and [f[0] for f in summary.failures] == ["sub/im3.jpg"]
+    assert "no instance map for 'sub/im3.jpg'" in summary.failures[0][1]
+    record = json.loads((out / RECORD).read_text())
+    assert record["output"]["regions"] == str(maps)
+    assert record["settings"]["method_fields"] == [["masks", "given"]]
+    with pytest.warns(UserWarning, match="custom ViT"):
+        seg = resclip.create_segmenter("corrclip", preset="corrclip/voc21", pretrained=str(golden_ckpt_b16),
+                                       device="cpu", aux_pretrained=aux, text_cache=False, **settings)
+    for image_id in ids[:-1]:
+        found = next(maps.glob(f"{image_id.rsplit('.', 1)[0]}*.npz"))
+        rgb = np.asarray(Image.open(folder / image_id).convert("RGB"))
+        want = seg.predict(rgb, CLASSES, regions=read_instance_map(found)).mask
+        np.testing.assert_array_equal(np.asarray(Image.open(out / mask_name(image_id))), want)
+    with pytest.raises(ValueError, match=r"^instance maps from .* would not be used: method 'naclip' "):
+        label(folder, CLASSES, tmp_path / "other", pretrained=str(tiny64), device="cpu", progress=False,
+              regions=maps, **FAST_SETTINGS)
+    assert not (tmp_path / "other").exists()

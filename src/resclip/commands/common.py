@@ -203,11 +203,12 @@ def cli_warnings(stream: TextIO | None = None) -> Iterator[None]:
 # ------------------------------------------------------------------ evaluation runs (eval, sweep, reproduce)
 
 
-def add_regions_argument(parser: argparse.ArgumentParser) -> None:
-    """--regions DIR: each image's instance map from a folder (CorrCLIP's pre-generated masks)."""
+def add_regions_argument(parser: argparse.ArgumentParser, key: str = "image stem") -> None:
+    """--regions DIR: each image's instance map from a folder (CorrCLIP's pre-generated masks), named
+    by ``key`` (the image file's stem, or the labelling id)."""
     parser.add_argument(
         "--regions", default=None, metavar="DIR",
-        help="instance maps, one <image stem>.npz (key instance_mask, as CorrCLIP's pre-generated "
+        help=f"instance maps, one <{key}>.npz (key instance_mask, as CorrCLIP's pre-generated "
         "region_masks), .npy or 1-channel .png per image at its size, for a method that reads regions "
         "(corrclip, region_vote); corrclip then needs no SAM 2 (its <method>_masks becomes 'given')",
     )

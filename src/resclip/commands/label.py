@@ -16,9 +16,11 @@ from .common import (
     METHOD_ALIAS,
     UserError,
     add_model_arguments,
+    add_regions_argument,
     cli_warnings,
     parse_aux_pretrained,
     parse_overrides,
+    regions_overrides,
     warn_precision,
 )
 
@@ -81,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--summary", default=None, metavar="FILE",
                    help="also write the summary as JSON (counts, failures, seconds, images/s)")
     g.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    add_regions_argument(parser, key="image id")
     add_model_arguments(parser, default_preset="default")
 
 
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--method resclip is naclip with RCS and SFR; "
                         "use --method naclip with --no-rcs / --no-sfr instead")
     spec = load_classes(args.classes, args.class_file)
-    overrides = parse_overrides(args.overrides)
+    overrides = {**parse_overrides(args.overrides), **regions_overrides(args)}
     warn_precision(resolve_device(args.device).type, args.precision)
     model = ModelSpec(
         method=args.method, rcs=args.rcs, sfr=args.sfr, preset=args.preset, model=args.model,
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         save_masks=args.save_masks, palette=args.palette, workers=args.workers, engine=args.engine,
         address=args.address, num_actors=args.num_actors, progress=not args.quiet,
         source=SourceOptions(args.shard_size, args.id_column, args.path_column, args.image_column),
+        regions=args.regions,
     )
     try:
         with cli_warnings():

@@ -90,6 +90,10 @@ class LabelOptions:
         address: Ray cluster address (``"auto"``...); None starts a local Ray.
         num_actors: Ray actors (default: one per GPU, else one per CPU of the cluster).
         progress: show a progress bar.
+        regions: a folder of instance maps, ``<image id>.npz`` (CorrCLIP's pre-generated masks, key
+            ``instance_mask``), ``.npy`` or ``.png`` per image, for a segmenter that reads regions
+            (CorrCLIP, ``region_vote``); an image without one is a failed row naming it. Every
+            worker (Ray actors included) reads it, so it must be at the same path on each machine.
     """
 
     save_masks: bool = False
@@ -100,6 +104,7 @@ class LabelOptions:
     num_actors: int | None = None
     progress: bool = True
     source: SourceOptions = field(default_factory=SourceOptions)
+    regions: str | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -125,6 +130,7 @@ class LabelContext:
     record: str
     save_masks: bool
     palette: str
+    regions: str | None = None  # LabelOptions.regions
 
 
 @dataclass(frozen=True)
@@ -229,8 +235,9 @@ def label_shards(seg: Segmenter, ctx: LabelContext, emb: torch.Tensor, shards: S
     pool = ThreadPoolExecutor(workers, thread_name_prefix="resclip-label") if workers > 0 else None
     writer = ThreadPoolExecutor(1, thread_name_prefix="resclip-label-write") if workers > 0 else None
 
-    def decoded(item: Item) -> Any:
-        return decode(item)
+    def decoded(item: Item) -> tuple[Any, Any]:
+        """The image and, with ``ctx.regions``, its instance map (read on the same worker thread)."""
+        return decode(item), (None if ctx.regions is None else image_regions(ctx.regions, item.id))
 
     def encode(image_id: str, mask: np.ndarray) -> dict[str, Any]:
         import io
@@ -298,8 +305,8 @@ def label_shards(seg: Segmenter, ctx: LabelContext, emb: torch.Tensor, shards: S
                 rows = []
                 continue
             try:
-                rgb = pending.result()
-                mask = seg.predict(rgb, cast(Any, spec), embeddings=emb).mask
+                rgb, regions = pending.result()
+                mask = seg.predict(rgb, cast(Any, spec), embeddings=emb, regions=regions).mask
             except errors as err:
                 rows.append(now(failed_row(item.id, _reason(err))))
             else:
@@ -314,6 +321,34 @@ def label_shards(seg: Segmenter, ctx: LabelContext, emb: torch.Tensor, shards: S
         for ex in (pool, writer):
             if ex is not None:
                 ex.shutdown(wait=True, cancel_futures=True)
+
+
+def image_regions(folder: str, image_id: str) -> np.ndarray:
+    """The ``(H, W)`` int64 instance map of ``image_id`` in ``folder``
+    (:func:`resclip.corrclip.read_instance_map`).
+
+    Raises:
+        ValueError: no ``<id>.npz`` / ``.npy`` / ``.png`` there, or an unreadable one (one line each).
+    """
+    from ..corrclip import instance_map_file, read_instance_map
+
+    stem, suffix = os.path.splitext(image_id)  # a file source's id keeps the image's suffix
+    found = instance_map_file(folder, image_id) or (instance_map_file(folder, stem) if suffix else None)
+    if found is None:
+        raise ValueError(f"no instance map for {image_id!r} in {folder!r} (expected <id>.npz, .npy or .png, "
+                         "the id without its image suffix also works)")
+    return read_instance_map(found)
+
+
+def _check_regions(seg: Segmenter, options: LabelOptions) -> None:
+    """Refuse ``options.regions`` before any work when the folder is missing or ``seg`` reads none."""
+    if options.regions is None:
+        return
+    if not Path(options.regions).is_dir():
+        raise ValueError(f"instance-map folder {options.regions!r} does not exist")
+    if not seg.reads_regions:
+        raise ValueError(f"instance maps from {options.regions!r} would not be used: method "
+                         f"{seg.config.method!r} reads no regions; use corrclip or --set region_vote=True")
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -331,7 +366,8 @@ def _record(source: str, shards: Sequence[Shard], options: LabelOptions, seg: Se
         "visual_digest": seg.visual_digest,
         "text_fingerprint": seg.fingerprint,
         "embeddings_sha256": hashlib.sha256(emb.astype("<f4").tobytes()).hexdigest(),
-        "output": {"save_masks": options.save_masks, "palette": options.palette},
+        "output": {"save_masks": options.save_masks, "palette": options.palette,
+                   **({"regions": os.path.abspath(options.regions)} if options.regions else {})},
         "resclip_version": __version__,
     }))
 
@@ -384,6 +420,7 @@ def run_label(source: str | os.PathLike[str] | Sequence[str], classes: Any, out:
         if info.world_size > 1 and model.pretrained is None:
             raise ValueError(random_weights)
         seg = model.create(device)
+        _check_regions(seg, options)
         spec, emb = seg.encode_classes(cast(Any, spec))
         seg.release_text_tower()
         record = _record(_source_text(source), shards, options, seg, spec, emb.cpu().numpy())
@@ -399,7 +436,8 @@ def run_label(source: str | os.PathLike[str] | Sequence[str], classes: Any, out:
             all_reduce(np.zeros(1, dtype=np.int64), torch.device(device))
         mine = [s for s in shards if s.index % info.world_size == info.rank]
         todo = [s for s in mine if finished(out_dir, s.name) is None]
-        ctx = LabelContext(str(out_dir), spec, emb.cpu().numpy(), text, options.save_masks, options.palette)
+        ctx = LabelContext(str(out_dir), spec, emb.cpu().numpy(), text, options.save_masks, options.palette,
+                           options.regions)
         total = _images_in(todo)
         desc = f"label (rank 0 of {info.world_size})" if info.world_size > 1 else "label"
         bar = _bar(total, options.progress and info.rank == 0 and bool(todo), desc)
@@ -444,6 +482,7 @@ def _run_ray(source: str | os.PathLike[str] | Sequence[str], spec: ClassSpec, ou
     from .ray_engine import run_ray
 
     seg = model.create("cpu" if model.device == "auto" else model.device)  # settings and class embeddings
+    _check_regions(seg, options)
     spec, emb = seg.encode_classes(cast(Any, spec))
     record = _record(_source_text(source), shards, options, seg, spec, emb.cpu().numpy())
     check_record(out, record)
@@ -451,7 +490,7 @@ def _run_ray(source: str | os.PathLike[str] | Sequence[str], spec: ClassSpec, ou
     atomic_write(out / RECORD, (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
     todo = [s for s in shards if finished(out, s.name) is None]
     ctx = LabelContext(str(out), spec, emb.cpu().numpy(), json.dumps(record, sort_keys=True),
-                       options.save_masks, options.palette)
+                       options.save_masks, options.palette, options.regions)
     del seg
     bar = _bar(_images_in(todo), options.progress and bool(todo))
     count = [0]
@@ -495,6 +534,8 @@ def label(
     id_column: str | None = None,
     path_column: str | None = None,
     image_column: str | None = None,
+    aux_pretrained: dict[str, str] | None = None,
+    regions: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> LabelSummary:
     """Segment every image of ``source`` with ``classes`` and write sharded Parquet labels to ``out``.
@@ -516,6 +557,8 @@ def label(
         shard_size: images per output file (a WebDataset tar is always one shard).
         workers: decoding / writing threads per process.
         engine: ``"local"`` or ``"ray"`` (``address``: a Ray cluster, default a local one).
+        aux_pretrained: auxiliary models by kind, as :func:`resclip.create_segmenter`.
+        regions: a folder of instance maps, one per image id (:attr:`LabelOptions.regions`).
 
     Returns:
         A :class:`LabelSummary`; failed images are in it with their reasons (the job goes on).
@@ -526,7 +569,9 @@ def label(
         resclip.labelling.sources.MissingExtra: pyarrow / webdataset / ray missing (names the pip command).
     """
     spec = ModelSpec(method, rcs, sfr, preset, model, pretrained, device, precision, fidelity, window_batch,
-                     tuple(sorted(overrides.items())))
+                     tuple(sorted(overrides.items())),
+                     tuple(sorted((k, str(v)) for k, v in (aux_pretrained or {}).items())))
     options = LabelOptions(save_masks, palette, workers, engine, address, num_actors, progress,
-                           SourceOptions(shard_size, id_column, path_column, image_column))
+                           SourceOptions(shard_size, id_column, path_column, image_column),
+                           None if regions is None else os.fspath(regions))
     return run_label(source, classes, out, spec, options)
