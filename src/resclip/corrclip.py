@@ -40,6 +40,7 @@ __all__ = [
     "PAD_LABEL",
     "PAINT_ORDERS",
     "REGION_SUFFIXES",
+    "RELEASE_REGION_FOLDERS",
     "MaskGeneratorConfig",
     "generate_instance_map",
     "instance_map",
@@ -59,6 +60,10 @@ PAINT_ORDERS = ("area_ascending", "area_descending")
 REGION_SUFFIXES = (".npz", ".npy", ".png")
 #: the array name in CorrCLIP's pre-generated mask files (``<image stem>.npz``)
 NPZ_KEY = "instance_mask"
+#: the sub-folder of the release's pre-generated masks (``region_masks.zip``) per benchmark, as its
+#: ``configs/cfg_<dataset>.py`` name them (``instance_mask_path='data/region_masks/<folder>'``)
+RELEASE_REGION_FOLDERS = {"voc21": "voc", "voc20": "voc", "context60": "context", "context59": "context",
+                          "coco_object": "coco", "coco_stuff": "coco", "cityscapes": "city", "ade20k": "ade"}
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="summary JSON (default: reproduce-table<ID>.json; a .md "
         "goes next to it, per-run results in <name>_runs/)",
     )
+    parser.add_argument(
+        "--regions-root",
+        default=None,
+        metavar="DIR",
+        help="CorrCLIP's pre-generated masks (region_masks.zip unpacked: voc/, context/, coco/, city/, "
+        "ade/), for the rows that report them (--table corrclip, SAM2_32)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="show what would run and what is skipped")
     add_runtime_arguments(
         parser.add_argument_group("model"),
@@ -188,12 +195,28 @@ class Runner:
             return None, f"backbone {backbone} not available in resclip"
         if backbone in self.bad_backbones:
             return None, self.bad_backbones[backbone]
-        key = (row.method, row.rcs, row.sfr, row.family, row.rcs_layers, backbone, ds)
+        if row.regions:
+            maps, why = self.regions_dir(ds)
+            if maps is None:
+                return None, why
+        key = (row.method, row.rcs, row.sfr, row.family, row.rcs_layers, row.regions, backbone, ds)
         if key not in self.memo:
             self.memo[key] = (
                 (None, "would run (dry run)") if self.args.dry_run else self._run(row, backbone, ds, root)
             )
         return self.memo[key]
+
+    def regions_dir(self, ds: str) -> tuple[Path | None, str]:
+        """The release's pre-generated instance maps of ``ds`` under ``--regions-root``, or None and why."""
+        from ..corrclip import RELEASE_REGION_FOLDERS
+
+        if self.args.regions_root is None:
+            return None, ("needs the release's pre-generated masks: give --regions-root DIR "
+                          "(CorrCLIP's region_masks.zip unpacked)")
+        folder = Path(self.args.regions_root).expanduser() / RELEASE_REGION_FOLDERS[ds]
+        if not folder.is_dir():
+            return None, f"no instance maps for {ds} at {str(folder)!r}"
+        return folder, ""
 
     def _run(self, row: Row, backbone: str, ds: str, root: Path) -> tuple[float | None, str]:
         from ..eval import evaluate, write_results
@@ -205,6 +228,10 @@ class Runner:
         if row.rcs_layers is not None:
             overrides["rcs_layers"] = row.rcs_layers
         assert row.method is not None
+        options = evaluation_options(self.args, self.args.output)
+        if row.regions:  # the given maps replace the method's own mask generator
+            overrides[f"{row.method}_masks"] = "given"
+            options["regions_dir"] = self.regions_dir(ds)[0]
         try:
             seg = create_segmenter(
                 method=row.method,
@@ -224,7 +251,7 @@ class Runner:
             return None, self.bad_backbones[backbone]
         except (ValueError, TypeError) as err:
             return None, f"cannot build this setting: {err}"
-        result = evaluate(seg, ds, root, **evaluation_options(self.args, self.args.output))
+        result = evaluate(seg, ds, root, **options)
         if self.info.rank == 0:
             slug = re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{row.label}_{backbone}_{ds}")
             result.extra["paper_row"] = row.label
