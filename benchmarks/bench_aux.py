@@ -5,12 +5,16 @@ Methods (each under its own repository's VOC21 preset, RCS / SFR at their defaul
 
 * ``proxyclip``: CLIP ViT-B/16 + DINO ViT-B/8,
 * ``trident``: CLIP ViT-B/16 + DINO ViT-B/16 + SAM ViT-B,
-* ``corrclip``: CLIP ViT-B/16 + DINO ViT-B/8 + SAM 2 hiera-L.
+* ``corrclip``: CLIP ViT-B/16 + DINO ViT-B/8 + SAM 2 hiera-L;
+* ``proxyclip_dinov2``: ``proxyclip`` with DINOv2 ViT-B/14 with registers (the release's ``dinov2`` proxy);
+* ``proxyclip_mae``: CLIP ViT-B/16 + MAE ViT-B/16 (the release's ``mae`` proxy).
 
 Speed and memory do not depend on weight values, so every model is real-size with random weights. The
 parent saves the auxiliary models once to temporary files in the formats the loaders read (DINO: the
-facebookresearch torch.hub state dict, built as timm ``vit_base_patch{8,16}_224``; SAM: segment-anything's
-``sam_vit_b`` state dict; SAM 2: ``{"model": state_dict}`` of the ``sam2`` package's hiera-L config), then
+facebookresearch torch.hub state dict, built as timm ``vit_base_patch{8,16}_224``; DINOv2: the hub layout
+of timm's ``vit_base_patch14_reg4_dinov2``; MAE: ``{"model": state_dict}`` of timm's ``vit_base_patch16_224``;
+SAM: segment-anything's ``sam_vit_b`` state dict; SAM 2: ``{"model": state_dict}`` of the ``sam2``
+package's hiera-L config), then
 runs every method in a fresh child process (this script with ``--child``): it loads the auxiliary models
 (RSS recorded after each), builds the segmenter (random CLIP, ``pretrained=None``), and segments one
 smooth synthetic image once, with precomputed random class embeddings (the text encoder is left out).
@@ -78,6 +82,7 @@ class AuxMethod:
     preset: str
     aux: tuple[tuple[str, str], ...]
     description: str
+    method: str = ""  # the registered method (default: ``name``)
 
 
 METHODS: dict[str, AuxMethod] = {
@@ -96,6 +101,13 @@ METHODS: dict[str, AuxMethod] = {
         (("dino", "dino_vitb8"), ("sam", "sam2_hiera_l")),
         "CLIP ViT-B/16 + DINO ViT-B/8 + SAM 2 hiera-L",
     ),
+    "proxyclip_dinov2": AuxMethod(
+        "proxyclip_dinov2", "proxyclip/voc21", (("dino", "dinov2_vitb14_reg"),),
+        "CLIP ViT-B/16 + DINOv2 ViT-B/14 (4 registers)", method="proxyclip",
+    ),
+    "proxyclip_mae": AuxMethod(
+        "proxyclip_mae", "proxyclip/voc21", (("mae", "mae_vitb16"),), "CLIP ViT-B/16 + MAE ViT-B/16"
+    ),
 }
 
 #: checkpoint key -> (file name, how it is built)
@@ -104,6 +116,11 @@ CHECKPOINTS: dict[str, tuple[str, str]] = {
     "dino_vitb16": ("dino_vitb16_random.pth", "timm vit_base_patch16_224 (num_classes=0), hub state dict"),
     "sam_vit_b": ("sam_vit_b_random.pth", "segment_anything.build_sam_vit_b(checkpoint=None) state dict"),
     "sam2_hiera_l": ("sam2_hiera_l_random.pt", 'sam2 configs/sam2/sam2_hiera_l.yaml, {"model": state_dict}'),
+    "dinov2_vitb14_reg": ("dinov2_vitb14_reg_random.pth",
+                          "timm vit_base_patch14_reg4_dinov2 (518) in the hub layout (class position in "
+                          "pos_embed)"),
+    "mae_vitb16": ("mae_vitb16_random.pth",
+                   'timm vit_base_patch16_224 (num_classes=0), {"model": state_dict}'),
 }
 
 
@@ -124,7 +141,20 @@ def save_checkpoint(key: str, folder: Path, seed: int = 0) -> dict[str, Any]:
     if not path.exists():
         torch.manual_seed(seed)
         state: dict[str, Any]
-        if key.startswith("dino_"):
+        if key == "dinov2_vitb14_reg":
+            import timm
+
+            net = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, num_classes=0)
+            state = dict(net.state_dict())
+            state["register_tokens"] = state.pop("reg_token")
+            state["pos_embed"] = torch.cat([torch.zeros_like(state["cls_token"]), state["pos_embed"]], dim=1)
+            state["mask_token"] = torch.zeros(1, state["cls_token"].shape[-1])
+        elif key == "mae_vitb16":
+            import timm
+
+            net = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+            state = {"model": net.state_dict()}
+        elif key.startswith("dino_"):
             import timm
 
             patch = key.removeprefix("dino_vitb")
@@ -296,7 +326,7 @@ def run_methods(args: argparse.Namespace, folder: Path) -> tuple[dict[str, Any],
         am = METHODS[name]
         class_file = get_preset(am.preset).class_file or "voc21.txt"
         spec = {
-            "method": name,
+            "method": am.method or name,
             "preset": am.preset,
             "classes": class_file,
             "size": [h, w],

@@ -368,29 +368,36 @@ def test_checkpoint_architecture_reads_shapes(tiny64: Path, tmp_path: Path, monk
 # ---------------------------------------------------------------- instance maps from a folder (--regions)
 AUX = Path(__file__).parent / "data" / "golden" / "aux"
 CORRCLIP = ["--method", "corrclip", "--preset", "corrclip/voc21", "--aux-pretrained",
-            f"dino={AUX / 'dino_vitb16_tiny_fp16.pth'}", "--set", "short_side=64", "--device", "cpu",
-            "--no-rcs", "--no-sfr",
+            f"dino={AUX / 'dino_vitb16_tiny_fp16.pth'}", "--set", "short_side=64", "--set", "prob_thd=0.0",
+            "--device", "cpu", "--no-rcs", "--no-sfr",
             "--no-progress"]
 
 
 def _region_files(root: Path, folder: Path, shift: int = 0) -> dict[str, np.ndarray]:
-    """One CorrCLIP-style ``<stem>.npz`` (key instance_mask) per image of ``root``: three bands."""
+    """One CorrCLIP-style ``<stem>.npz`` (key instance_mask) per image of ``root``: its own partition
+    (bands whose borders move with the image's index, vertical for every other image)."""
     folder.mkdir(parents=True, exist_ok=True)
     maps = {}
-    for path in sorted((root / "JPEGImages").glob("*.jpg")):
+    for i, path in enumerate(sorted((root / "JPEGImages").glob("*.jpg"))):
         with Image.open(path) as img:
             w, h = img.size
         m = np.zeros((h, w), np.int32)
-        m[: h // 3 + shift] = 1
-        m[h // 3 + shift : 2 * h // 3] = 2
+        cut = 9 * i + shift + 10
+        if i % 2:
+            m[:, cut:] = 1
+            m[:, 2 * cut:] = 2
+        else:
+            m[cut:] = 1
+            m[2 * cut // 1 + 5:] = 2
         np.savez_compressed(folder / f"{path.stem}.npz", instance_mask=m)
         maps[path.stem] = m
+    assert len({m.tobytes() for m in maps.values()}) == len(maps)  # no two images share a map
     return maps
 
 
 @pytest.mark.slow
 def test_eval_reads_instance_maps_from_a_folder(small_voc: Path, golden_ckpt_b16: Path, tmp_path: Path,
-                                                 capsys):
+                                                 capsys, monkeypatch):
     """`eval --regions DIR` (CorrCLIP's pre-generated-mask mode): no SAM 2 is needed, each image's map
     reaches predict() (the saved predictions are those of predict(regions=map)), a changed map is
     scored again on resume, and another folder is another saved run."""
@@ -402,21 +409,38 @@ def test_eval_reads_instance_maps_from_a_folder(small_voc: Path, golden_ckpt_b16
             *CORRCLIP,
             "--regions", str(tmp_path / "regions"), "--save-predictions", str(preds),
             "--state-dir", str(tmp_path / "state"), "--output", str(tmp_path / "r.json")]
-    assert main(argv) == 0
+    seen: list[np.ndarray] = []
+    predict = resclip.Segmenter.predict
+
+    def spy(self, image, classes, embeddings=None, regions=None):  # records the maps predict receives
+        seen.append(np.asarray(regions))
+        return predict(self, image, classes, embeddings=embeddings, regions=regions)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resclip.Segmenter, "predict", spy)
+        assert main(argv) == 0
     first = _json(tmp_path / "r.json")
+    assert first["regions"] == str((tmp_path / "regions").resolve())
     assert first["protocol"]["method_fields"] == [["masks", "given"]]
     assert "sam" not in dict(first["protocol"]["aux"])
     with pytest.warns(UserWarning, match="custom ViT"):
         seg = resclip.create_segmenter("corrclip", preset="corrclip/voc21", pretrained=str(golden_ckpt_b16),
                                        device="cpu",
                                        aux_pretrained={"dino": str(AUX / "dino_vitb16_tiny_fp16.pth")},
-                                       short_side=64, corrclip_masks="given", text_cache=False, rcs=False,
+                                       short_side=64, prob_thd=0.0, corrclip_masks="given", text_cache=False,
+                                       rcs=False,
                                        sfr=False)
-    lines = ev.benchmark_class_lines(ev.get_dataset_spec("voc21"))[0]
+    from resclip.presets import get_preset
+
+    # the preset's class file, as eval reads it (CorrCLIP's lines spell person "people")
+    spec = ev.get_dataset_spec("voc21")
+    lines = ev.benchmark_class_lines(spec, get_preset("corrclip/voc21").class_file_path())[0]
     for stem, m in maps.items():
         rgb = np.asarray(Image.open(small_voc / "JPEGImages" / f"{stem}.jpg").convert("RGB"))
-        want = seg.predict(rgb, lines, regions=m).mask
-        np.testing.assert_array_equal(np.asarray(Image.open(preds / f"{stem}.png")), want)
+        saved = np.asarray(Image.open(preds / f"{stem}.png"))
+        np.testing.assert_array_equal(saved, seg.predict(rgb, lines, regions=m).mask)
+    # each image received its own map (every map differs), in the dataset's order
+    assert [r.tobytes() for r in seen] == [m.tobytes() for m in maps.values()]
     capsys.readouterr()
     changed = next(iter(maps))
     m = maps[changed].copy()
@@ -436,7 +460,7 @@ def test_eval_regions_errors(small_voc: Path, golden_ckpt_b16: Path, tmp_path: P
             "--state-dir", str(tmp_path / "state")]
     assert main([*base, *CORRCLIP, "--regions", str(tmp_path / "none")]) == 2
     none = str(tmp_path / "none")
-    assert capsys.readouterr().err.strip().endswith(f"--regions folder {none!r} does not exist")
+    assert capsys.readouterr().err.strip().endswith(f"instance-map folder {none!r} does not exist")
     maps = _region_files(small_voc, tmp_path / "regions")
     (tmp_path / "regions" / f"{sorted(maps)[1]}.npz").unlink()
     assert main([*base, *CORRCLIP, "--regions", str(tmp_path / "regions")]) == 2

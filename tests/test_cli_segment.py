@@ -538,7 +538,7 @@ def test_segment_with_instance_maps_from_a_folder(tmp_path, capsys, golden_ckpt_
         rgb = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
         Image.fromarray(rgb).save(tmp_path / f"{name}.png")
         m = np.zeros((48, 64), np.uint16)
-        m[:, 20:] = 1 if name == "a" else 3
+        m[:, 20 if name == "a" else 40:] = 1  # two different partitions
         m[30:, :] = 2
         Image.fromarray(m).save(tmp_path / f"{name}_map.png")  # a 16-bit PNG map
         (tmp_path / "maps").mkdir(exist_ok=True)
@@ -558,6 +558,15 @@ def test_segment_with_instance_maps_from_a_folder(tmp_path, capsys, golden_ckpt_
     for name, m in maps.items():
         want = seg.predict(np.asarray(Image.open(tmp_path / f"{name}.png")), "cat; dog; sky", regions=m).mask
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png")), want)
+        record = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert record["regions"].split()[0] == f"{name}.png" and len(record["regions"].split()[1]) == 64
+    rc, out, err = cli(capsys, *argv)  # the same maps: done already
+    assert rc == 0 and "skipped 2 images already segmented" in out
+    changed = maps["a"].copy()
+    changed[:, :5] = 9
+    Image.fromarray(changed.astype(np.uint16)).save(tmp_path / "maps" / "a.png")
+    rc, out, err = cli(capsys, *argv)  # a changed map is not taken for done
+    one_error(rc, err, "a.json' exists with other regions; pass --overwrite")
     (tmp_path / "maps" / "b.png").unlink()
     no_model = [a if a != golden_ckpt_b16 else "/nonexistent.pt" for a in argv]  # fails before loading
     rc, out, err = cli(capsys, *no_model, "--overwrite")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from parity import (
     GOLDEN,
@@ -31,8 +30,6 @@ from resclip.corrclip import (
     MaskGeneratorConfig,
     generate_instance_map,
     instance_map,
-    instance_map_file,
-    read_instance_map,
     resize_instance_map,
     sam2_mask_generator,
     vote,
@@ -529,58 +526,3 @@ def test_segmenter_region_errors_and_vote_on_any_method(golden, cc, golden_ckpts
         golden_segmenter("sclip", golden_ckpts["b16"], preset="sclip/voc21", region_vote=True).predict(
             rgb, VOCLIKE, embeddings=golden["classifier__voclike"])
 
-
-# ---------------------------------------------------------------- instance maps from files
-def test_read_instance_map_formats(tmp_path):
-    """CorrCLIP's pre-generated files (``<stem>.npz`` with ``instance_mask``), a one-array npz, a npy
-    and 8 / 16-bit PNGs all give the same int64 map; the folder lookup prefers .npz."""
-    labels = (np.arange(35, dtype=np.int64).reshape(5, 7) * 37) % 300  # values above 255 for the 16-bit PNG
-    np.savez_compressed(tmp_path / "a.npz", instance_mask=labels.astype(np.int32))
-    np.savez(tmp_path / "b.npz", labels.astype(np.int16))
-    np.save(tmp_path / "c.npy", labels.astype(np.uint16))
-    Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "d.png")
-    Image.fromarray((labels % 256).astype(np.uint8)).save(tmp_path / "e.png")
-    for name in ("a.npz", "b.npz", "c.npy", "d.png"):
-        got = read_instance_map(tmp_path / name)
-        assert got.dtype == np.int64, name
-        np.testing.assert_array_equal(got, labels, err_msg=name)
-    np.testing.assert_array_equal(read_instance_map(tmp_path / "e.png"), labels % 256)
-    np.save(tmp_path / "a.npy", np.zeros((5, 7), np.int64))
-    assert instance_map_file(tmp_path, "a") == tmp_path / "a.npz"
-    assert instance_map_file(tmp_path, "c") == tmp_path / "c.npy"
-    assert instance_map_file(tmp_path, "zzz") is None
-
-
-def test_read_instance_map_refuses_bad_files_in_one_line(tmp_path, capsys):
-    """Nothing read from a file runs code: pickled arrays are refused; wrong shapes and types name the
-    file."""
-    import pickle
-
-    class Boom:
-        def __reduce__(self):
-            return (print, ("pickle ran",))
-
-    np.save(tmp_path / "obj.npy", np.array([Boom()], dtype=object), allow_pickle=True)
-    (tmp_path / "pick.npy").write_bytes(pickle.dumps(Boom()))
-    np.savez(tmp_path / "two.npz", x=np.zeros((2, 2), np.int64), y=np.zeros((2, 2), np.int64))
-    np.save(tmp_path / "float.npy", np.zeros((4, 4), np.float32))
-    np.save(tmp_path / "cube.npy", np.zeros((2, 4, 4), np.int64))
-    (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    Image.new("RGB", (4, 4)).save(tmp_path / "rgb.png")
-    cases = {
-        "obj.npy": "holds pickled objects, which are never loaded",
-        "pick.npy": "is not a .npy array file",
-        "two.npz": "holds 2 arrays and no 'instance_mask'",
-        "float.npy": "is a float32 array of shape (4, 4), not an (H, W) integer map",
-        "cube.npy": "of shape (2, 4, 4), not an (H, W) integer map",
-        "bad.npz": "is not a .npz (zip) archive",
-        "rgb.png": "is a RGB image, not one channel of labels",
-    }
-    for name, text in cases.items():
-        with pytest.raises(ValueError) as err:
-            read_instance_map(tmp_path / name)
-        msg = str(err.value)
-        assert "\n" not in msg and str(tmp_path / name) in msg and text in msg, (name, msg)
-        assert msg.endswith("give an (H, W) integer label map as .npz (key instance_mask), .npy or a "
-                            "1-channel PNG")
-    assert "pickle ran" not in capsys.readouterr().out

@@ -130,3 +130,27 @@ def test_method_fields_by_keyword(tiny_ckpt, image):
     # the command line parses and type-checks them before any model loads
     assert parse_overrides(["proxyclip_sam_beta=1.5", "short_side=100"]) == {"proxyclip_sam_beta": 1.5,
                                                                            "short_side": 100}
+
+
+def test_method_fields_for_commands_that_run_several_methods(base):
+    """compare / reproduce take one --set list for several methods: each method gets its own fields,
+    with_method(fields=) applies them, and sweep grids over a method's text field."""
+    import argparse
+
+    from resclip.commands.sweep import build_grid
+    from resclip.factory import fields_for, method_field_owner
+
+    settings = {"proxyclip_beta": 1.0, "naclip_gaussian_std": 3.0, "short_side": 100}
+    assert method_field_owner("proxyclip_sam_gamma") == ("proxyclip_sam", "gamma")
+    assert method_field_owner("short_side") is None and method_field_owner("nope_x") is None
+    assert fields_for(settings, "naclip") == {"gaussian_std": 3.0} and fields_for(settings, "sclip") == {}
+    narrow = base.with_method("naclip", fields={"gaussian_std": 3.0})
+    assert narrow.engine.method.gaussian_std == 3.0
+    assert narrow.config.method_fields == (("gaussian_std", 3.0),)
+    with pytest.raises(TypeError, match=r"^setting naclip_gaussian_std: expected a number, got 'x'$"):
+        base.with_method("naclip", fields={"gaussian_std": "x"})
+    args = argparse.Namespace(lambda_rcs=None, lambda_sfr=None, rcs_layers=None,
+                              grid=["proxyclip_vfm=dino,mae", "proxyclip_beta=1.0,1.2"])
+    keys, points = build_grid(args)
+    assert keys == ["proxyclip_vfm", "proxyclip_beta"] and len(points) == 4
+    assert points[1] == {"proxyclip_vfm": "dino", "proxyclip_beta": 1.2}

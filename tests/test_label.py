@@ -395,7 +395,7 @@ def test_instance_maps_from_a_folder(folder: Path, tmp_path: Path, golden_ckpt_b
     without its image suffix, in sub-folders too), needs no SAM 2, records the folder; an image
     without a map is a failed row naming it; a method that reads no regions is refused before any work."""
     import resclip
-    from resclip.corrclip import read_instance_map
+    from resclip.regions import read
 
     aux = {"dino": str(Path(__file__).parent / "data" / "golden" / "aux" / "dino_vitb16_tiny_fp16.pth")}
     maps = tmp_path / "maps"
@@ -425,7 +425,7 @@ def test_instance_maps_from_a_folder(folder: Path, tmp_path: Path, golden_ckpt_b
     for image_id in ids[:-1]:
         found = next(maps.glob(f"{image_id.rsplit('.', 1)[0]}*.npz"))
         rgb = np.asarray(Image.open(folder / image_id).convert("RGB"))
-        want = seg.predict(rgb, CLASSES, regions=read_instance_map(found)).mask
+        want = seg.predict(rgb, CLASSES, regions=read(found)).mask
         np.testing.assert_array_equal(np.asarray(Image.open(out / mask_name(image_id))), want)
     with pytest.raises(ValueError, match=r"^instance maps from .* would not be used: method 'naclip' "):
         label(folder, CLASSES, tmp_path / "other", pretrained=str(tiny64), device="cpu", progress=False,

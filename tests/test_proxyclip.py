@@ -33,6 +33,7 @@ from resclip.classes import parse_classes, read_class_file
 from resclip.cli import main
 from resclip.digest import module_digest
 from resclip.engine import DenseEngine, WindowTrace
+from resclip.factory import configured_method
 from resclip.fullres import upsample_window
 from resclip.methods import get_method
 from resclip.methods.proxyclip import ProxyCLIP, attend_shared, proxy_scores, resize_values
@@ -360,7 +361,7 @@ def test_registry_and_stage_contract():
     assert method.required_aux() == ("dino",) and method.for_fidelity("paper") is method
     with pytest.raises(ValueError, match=r"vfm must be one of \('dino', 'sam', 'mae'\), got 'dinov3'"):
         ProxyCLIP("x", keep_residual=False, vfm="dinov3")
-    with pytest.raises(ValueError, match="mae_input must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="mae_input must be a positive integer or None, got 0"):
         ProxyCLIP("x", keep_residual=False, mae_input=0)
     mae = get_method("proxyclip_mae")
     assert mae.vfm == "mae" and mae.required_aux() == ("mae",) and mae.out_patch(16, {}) is None
@@ -430,10 +431,10 @@ def test_presets_are_the_release_configs(px_manifest):
         assert (got.logit_scale, got.prob_thd, got.area_thd, got.pamr_steps, got.tlp) == (
             want["logit_scale"], want["prob_thd"], None, 0, None), ds
         assert got.window_multiple == want["pad_multiple"], ds
-        assert preset.dataset == ds and preset.fidelity == "official"
-        # the MAE proxy's input side is the release's crop (its MAE is built at img_size=slide_crop)
-        assert preset.method_settings("proxyclip_mae") == {"mae_input": want["slide_crop"]}, ds
-        assert preset.method_settings("proxyclip") == {"mae_input": want["slide_crop"]}, ds
+        assert preset.dataset == ds and preset.fidelity == "official" and preset.method_options == ()
+        # the MAE proxy sees the release's crop (its MAE is built at img_size=slide_crop)
+        mae = configured_method("proxyclip_mae", "official", preset.name, protocol=preset.protocol)
+        assert mae.mae_input == want["slide_crop"], ds
         own = ds in ("voc21", "voc20", "coco_object")  # the release's person / tvmonitor / background lines
         assert preset.class_file == (f"proxyclip_{presets.CLASS_FILES[ds]}" if own else None), ds
 
@@ -546,3 +547,21 @@ def test_mae_loader_and_errors(tmp_path):
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match=r"missing \['norm.weight'\]"):
         load_mae(tmp_path / "broken.pth")
+
+
+def test_mae_input_follows_the_crop(golden_ckpt_b16):
+    """MAE sees the protocol's crop: the preset's, a ``slide_crop`` override, or each image at its own
+    size without windows; ``proxyclip_mae_mae_input`` fixes it."""
+    cases = [({"preset": "proxyclip/voc21"}, 336), ({"preset": "proxyclip/cityscapes"}, 224),
+             ({"preset": "proxyclip/voc21", "slide_crop": 448}, 448), ({"preset": "default"}, 224),
+             ({"preset": "proxyclip/voc21", "slide_crop": 0}, None),
+             ({"preset": "proxyclip/voc21", "proxyclip_mae_mae_input": 280}, 280)]
+    for kw, side in cases:
+        seg = _vfm_seg(str(golden_ckpt_b16), "mae", **kw)  # type: ignore[arg-type]
+        assert seg.engine.method.mae_input == side, kw
+    whole = _vfm_seg(str(golden_ckpt_b16), "mae", preset="proxyclip/voc21", slide_crop=0)
+    image = np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    trace = WindowTrace()
+    x = normalise(resize_image(image, 64, 2048))
+    whole.engine.window_logits(x, torch.randn(2, 64), torch.zeros(2, dtype=torch.long), trace)
+    assert trace.grid == (x.shape[-2] // 16, x.shape[-1] // 16)  # MAE at the image's own size

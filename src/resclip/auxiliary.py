@@ -275,30 +275,30 @@ def _register_model_positions(pos_embed: torch.Tensor, h: int, w: int) -> torch.
     return planes.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos_embed.dtype)
 
 
-def mae_tokens(model: Any, images: torch.Tensor, side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def mae_tokens(model: Any, images: torch.Tensor, side: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
     """MAE encoder patch tokens as ProxyCLIP's release takes them: the windows resized bilinearly
     (``align_corners=False``) to ``side x side`` whatever their shape, the position embeddings resized
-    from the training grid to ``side // p`` by plain bicubic to that size (MAE's
+    from the training grid to the token grid by plain bicubic to that size (MAE's
     ``interpolate_pos_embed``, float32; the class position kept), every block, then the final
     LayerNorm on the patch tokens.
 
     Args:
         model: an MAE encoder from :func:`resclip.dino.load_mae`.
         images: ``(B, 3, H, W)`` ImageNet-normalised windows.
-        side: the square input MAE sees (the release's ``slide_crop``).
+        side: the square input MAE sees (the release's ``slide_crop``); None: the windows as they are.
 
     Returns:
-        ``(B, n*n, C)`` tokens in the model's dtype, ``n = side // p``, and the grid ``(n, n)``.
+        ``(B, h*w, C)`` tokens in the model's dtype and the grid ``(h, w)`` (``side // p`` squared).
     """
     proj = model.patch_embed.proj
-    if tuple(images.shape[-2:]) != (side, side):
+    if side is not None and tuple(images.shape[-2:]) != (side, side):
         images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
     x = F.conv2d(images.to(proj.weight.dtype), proj.weight, proj.bias, stride=proj.stride)
     b, _, h, w = x.shape
     x = x.flatten(2).transpose(1, 2)
     pos = model.pos_embed
     grid = math.isqrt(pos.shape[1] - 1)
-    if grid != h:
+    if (grid, grid) != (h, w):
         planes = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
         planes = F.interpolate(planes, size=(h, w), mode="bicubic", align_corners=False)
         pos = torch.cat([pos[:, :1].float(), planes.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)

@@ -23,11 +23,8 @@ it is a real mask, i.e. when nothing is unsegmented).
 
 from __future__ import annotations
 
-import os
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,13 +36,10 @@ from . import preprocess
 __all__ = [
     "PAD_LABEL",
     "PAINT_ORDERS",
-    "REGION_SUFFIXES",
     "RELEASE_REGION_FOLDERS",
     "MaskGeneratorConfig",
     "generate_instance_map",
     "instance_map",
-    "instance_map_file",
-    "read_instance_map",
     "resize_instance_map",
     "sam2_mask_generator",
     "vote",
@@ -56,10 +50,6 @@ __all__ = [
 #: label of the padding around a window (the release pads its mask crops with 10000)
 PAD_LABEL = 10000
 PAINT_ORDERS = ("area_ascending", "area_descending")
-#: instance-map files :func:`read_instance_map` takes, in the order :func:`instance_map_file` looks
-REGION_SUFFIXES = (".npz", ".npy", ".png")
-#: the array name in CorrCLIP's pre-generated mask files (``<image stem>.npz``)
-NPZ_KEY = "instance_mask"
 #: the sub-folder of the release's pre-generated masks (``region_masks.zip``) per benchmark, as its
 #: ``configs/cfg_<dataset>.py`` name them (``instance_mask_path='data/region_masks/<folder>'``)
 RELEASE_REGION_FOLDERS = {"voc21": "voc", "voc20": "voc", "context60": "context", "context59": "context",
@@ -255,67 +245,3 @@ def vote(labels: torch.Tensor, regions: torch.Tensor, skip_min: bool = True) -> 
     if skip_min:
         out = torch.where(inverse == 0, flat, out)
     return out.view(labels.shape)
-
-
-def instance_map_file(folder: str | os.PathLike[str], stem: str) -> Path | None:
-    """The instance map of the image ``stem`` in ``folder`` (``<stem>.npz``, ``.npy`` or ``.png``, the
-    first that exists), or None."""
-    for suffix in REGION_SUFFIXES:
-        path = Path(folder) / f"{stem}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
-def read_instance_map(path: str | os.PathLike[str]) -> np.ndarray:
-    """An ``(H, W)`` int64 instance map from a file, never running code from it.
-
-    Formats: CorrCLIP's pre-generated masks (``.npz`` with an ``instance_mask`` array, as its
-    ``region_masks.zip`` holds them), any ``.npz`` with a single array, a ``.npy`` array, or a
-    single-channel PNG (8- or 16-bit: the pixel values are the labels). Arrays are read with
-    ``allow_pickle=False``.
-
-    Raises:
-        ValueError: one line naming the file and what is wrong with it (not 2-D, not integers, a
-            pickled object, several arrays without ``instance_mask``, unreadable).
-    """
-    where = os.fspath(path)
-    fix = "; give an (H, W) integer label map as .npz (key instance_mask), .npy or a 1-channel PNG"
-    lower = where.lower()
-    try:
-        if lower.endswith(".png"):
-            from PIL import Image
-
-            with Image.open(where) as img:
-                if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
-                    raise ValueError(f"instance map {where!r} is a {img.mode} image, not one channel of "
-                                     "labels" + fix)
-                labels = np.asarray(img)
-        elif lower.endswith(".npz"):
-            if not zipfile.is_zipfile(where):
-                raise ValueError(f"instance map {where!r} is not a .npz (zip) archive" + fix)
-            with np.load(where, allow_pickle=False) as data:
-                names = list(data.files)
-                if NPZ_KEY not in names and len(names) != 1:
-                    raise ValueError(f"instance map {where!r} holds {len(names)} arrays and no "
-                                     f"{NPZ_KEY!r}" + fix)
-                labels = data[NPZ_KEY if NPZ_KEY in names else names[0]]
-        else:
-            with open(where, "rb") as f:
-                if f.read(6) != b"\x93NUMPY":
-                    raise ValueError(f"instance map {where!r} is not a .npy array file" + fix)
-            labels = np.load(where, allow_pickle=False)
-    except ValueError as err:
-        if str(err).startswith("instance map"):
-            raise
-        # numpy's refusal of object arrays (allow_pickle=False): never unpickled
-        raise ValueError(f"instance map {where!r} holds pickled objects, which are never loaded"
-                         + fix) from None
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"instance map {where!r} cannot be read ({type(err).__name__}: {err})"
-                         + fix) from None
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
-        raise ValueError(f"instance map {where!r} is a {labels.dtype} array of shape {labels.shape}, "
-                         "not an (H, W) integer map" + fix)
-    return labels.astype(np.int64)

@@ -53,7 +53,6 @@ __all__ = [  # the benchmark table (resclip.dataset_specs) is re-exported: one i
     "load_regions",
     "read_label",
     "reduce_zero_label",
-    "regions_file",
     "root_names",
     "save_prediction",
     "to_label_convention",
@@ -257,33 +256,17 @@ class BenchmarkImages(torch.utils.data.Dataset):
         return LoadedSample(sample, rgb, label, regions=regions)
 
 
-def regions_file(sample: Sample, regions_dir: str | os.PathLike[str]) -> Path:
-    """The instance-map file of ``sample`` in ``regions_dir`` (``<image stem>.npz`` / ``.npy`` / ``.png``).
-
-    Raises:
-        DatasetNotFoundError: there is none.
-    """
-    from .corrclip import REGION_SUFFIXES, instance_map_file
-
-    found = instance_map_file(regions_dir, sample.stem)
-    if found is None:
-        raise DatasetNotFoundError(f"no instance map for {sample.stem!r} in {os.fspath(regions_dir)!r} "
-                                   f"(looked for {', '.join(sample.stem + s for s in REGION_SUFFIXES)})")
-    return found
-
-
 def load_regions(sample: Sample, regions_dir: str | os.PathLike[str]) -> np.ndarray:
-    """``(H, W)`` int64 instance map of ``sample`` from ``regions_dir``
-    (:func:`resclip.corrclip.read_instance_map`).
+    """``(H, W)`` instance map of ``sample`` from ``regions_dir`` (:func:`resclip.regions.load`).
 
     Raises:
-        DatasetNotFoundError: no file for the image; DatasetError: an unreadable one.
+        DatasetError: no map for the image, or an unreadable one.
     """
-    from .corrclip import read_instance_map
+    from .regions import RegionsError, load
 
     try:
-        return read_instance_map(regions_file(sample, regions_dir))
-    except ValueError as err:
+        return load(regions_dir, sample.stem)
+    except RegionsError as err:
         raise DatasetError(str(err)) from None
 
 

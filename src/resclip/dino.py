@@ -58,6 +58,9 @@ HUB_NAMES = {
 POS_EMBED_MODES = ("timm", "hub")
 _SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 _NESTS = ("teacher", "student", "model", "state_dict")
+#: the head counts of the released ViTs whose head width is not 64 (the heads are not in the shapes):
+#: ViT-H/14 (MAE's vit_huge_patch14) has 16 heads of 80; every DINO / DINOv2 / MAE S, B, L, g has 64
+_HEADS = {1280: 16}
 _PREFIXES = ("module.", "backbone.")
 
 
@@ -122,7 +125,8 @@ def dino_architecture(state: Mapping[str, torch.Tensor]) -> DinoInfo:
     mlp = int(state["blocks.0.mlp.fc1.weight"].shape[0])
     swiglu = int(state["blocks.0.mlp.fc2.weight"].shape[1]) * 2 == mlp  # fc1 holds the gate and the value
     v2 = "blocks.0.ls1.gamma" in state  # DINOv2's layer scale
-    return DinoInfo(width=width, patch=patch, depth=depth, heads=max(1, width // 64), mlp_ratio=mlp / width,
+    heads = _HEADS.get(width, max(1, width // 64))
+    return DinoInfo(width=width, patch=patch, depth=depth, heads=heads, mlp_ratio=mlp / width,
                     image=side * patch, dinov2=v2, registers=registers, swiglu=swiglu)
 
 

@@ -74,6 +74,23 @@ def _method_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def method_field_owner(key: str) -> tuple[str, str] | None:
+    """``(method, field)`` when ``key`` is a method's own setting (``"proxyclip_beta"`` ->
+    ``("proxyclip", "beta")``), None for a protocol / module setting or an unknown key."""
+    return None if key in _setting_names() else _method_key(key)
+
+
+def fields_for(overrides: Mapping[str, Any], method: str) -> dict[str, Any]:
+    """``{field: value}`` of ``method``'s own settings in ``overrides`` (``<method>_<field>`` keys; the
+    other methods' are left out), for commands that run several methods from one ``--set`` list."""
+    out = {}
+    for key, value in overrides.items():
+        owner = method_field_owner(key)
+        if owner is not None and owner[0] == method:
+            out[owner[1]] = value
+    return out
+
+
 def valid_overrides() -> list[str]:
     """Keyword overrides accepted by :func:`create_segmenter`: protocol, RCS / SFR and stage
     settings, and ``<method>_<field>`` for every registered method's own fields."""
@@ -237,9 +254,11 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
 
 
 def configured_method(name: str, fidelity: str, preset: str,
-                      fields: tuple[tuple[str, Any], ...] = ()) -> BaseAttention:
+                      fields: tuple[tuple[str, Any], ...] = (),
+                      protocol: Protocol | None = None) -> BaseAttention:
     """The registered method ``name`` with its fidelity switches, the fields ``preset`` sets, then
-    ``fields`` (the caller's ``<method>_<field>`` settings, :attr:`SegmenterConfig.method_fields`).
+    ``fields`` (the caller's ``<method>_<field>`` settings, :attr:`SegmenterConfig.method_fields`),
+    then what it takes from ``protocol`` (:meth:`BaseAttention.for_protocol`).
 
     Raises:
         ValueError: a field value the method rejects (its message).
@@ -250,7 +269,7 @@ def configured_method(name: str, fidelity: str, preset: str,
     settings = {**settings, **dict(fields)}
     if settings:  # a method's own fields the preset sets per dataset (e.g. PEARL's alpha_kk)
         method = dataclasses.replace(method, **settings)
-    return method
+    return method.for_protocol(protocol) if protocol is not None else method
 
 
 def build_engine(visual: Any, config: SegmenterConfig, aux: Mapping[str, Any] | None = None) -> DenseEngine:
@@ -263,12 +282,14 @@ def build_engine(visual: Any, config: SegmenterConfig, aux: Mapping[str, Any] | 
         ValueError: SFR on a method without attention scores, RCS layers outside the model, an
             auxiliary model the method needs missing, RCS / SFR on a last stage with its own grid.
     """
-    method = configured_method(config.method, config.fidelity, config.preset, config.method_fields)
+    method = configured_method(config.method, config.fidelity, config.preset, config.method_fields,
+                               config.protocol)
     return DenseEngine(visual, method, config.rcs, config.sfr, config.trunk_attention, aux=aux)
 
 
 def with_method(
-    base: Segmenter, method: str, *, rcs: bool | None = None, sfr: bool | None = None
+    base: Segmenter, method: str, *, rcs: bool | None = None, sfr: bool | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> Segmenter:
     """A segmenter for another base method or module choice, sharing ``base``'s CLIP weights,
     tokenizer, text cache, protocol and every other setting.
@@ -280,6 +301,8 @@ def with_method(
         base: the segmenter to share.
         method: base attention, one of :func:`resclip.list_methods`.
         rcs, sfr: turn the module on or off; None keeps ``base``'s choice.
+        fields: the method's own settings (``{"beta": 1.0}``, as ``<method>_<field>`` keywords of
+            :func:`create_segmenter`); None keeps ``base``'s when the method is ``base``'s, else none.
 
     Raises:
         ValueError: unknown method; a module ``base`` was built without; SFR on a method without
@@ -293,8 +316,12 @@ def with_method(
             raise ValueError(f"{name}+{module}: the shared segmenter was built without {module.upper()} "
                              f"settings; create it with {module}=True")
         modules[module] = settings if wanted or wanted is None else None
-    fields = base.config.method_fields if name == base.config.method else ()  # another method's fields
-    config = dataclasses.replace(base.config, method=name, method_fields=fields, **modules)
+    if fields is None:
+        own = base.config.method_fields if name == base.config.method else ()  # not another method's
+    else:
+        own = tuple(sorted((k, check_override(f"{name}_{k}", type(get_method(name)), k, v))
+                           for k, v in fields.items()))
+    config = dataclasses.replace(base.config, method=name, method_fields=own, **modules)
     variant = copy.copy(base)  # everything else is shared or carried over unchanged
     variant.engine = build_engine(base.engine.visual, config, aux=base.engine.aux)
     variant.config = config
@@ -365,22 +392,13 @@ def create_segmenter(
         >>> seg = create_segmenter("naclip", preset="voc21", pretrained="/path/ViT-B-16.pt")  # doctest: +SKIP
         >>> seg.predict("cat.jpg", ["background", "cat"]).mask.shape  # doctest: +SKIP
     """
-    if str(method).lower() == METHOD_ALIAS:
-        if rcs is False or sfr is False:
-            raise ValueError(f"method={METHOD_ALIAS!r} is naclip with RCS and SFR; "
-                             f"for naclip without one of them use method='naclip' with rcs= / sfr=")
-        method = "naclip"
-    base = get_method(method)
-    chosen = get_preset(preset)
-    if fidelity is not None:
-        chosen = to_fidelity(chosen, fidelity)
-    overrides, own = split_method_overrides(overrides, base.name)
-    chosen = apply_overrides(chosen, overrides)
+    if str(method).lower() == METHOD_ALIAS and (rcs is False or sfr is False):
+        raise ValueError(f"method={METHOD_ALIAS!r} is naclip with RCS and SFR; "
+                         f"for naclip without one of them use method='naclip' with rcs= / sfr=")
+    base, chosen, fields, configured = _resolve(method, preset, fidelity, overrides)
     dev = resolve_device(device)
     resolve_precision(precision)
     aux_sources = check_aux_sources(aux_pretrained or {})
-    fields = tuple(sorted(own.items()))
-    configured = configured_method(base.name, chosen.fidelity, chosen.name, fields)
     for kind in configured.required_aux():
         if kind not in aux_sources:  # before any model is loaded
             raise ValueError(missing_aux_message(base.name, kind))
@@ -432,6 +450,33 @@ def create_segmenter(
         fingerprint=fingerprint,
         visual_digest=visual_digest,
     )
+
+
+def _resolve(method: str, preset: str, fidelity: Fidelity | None, overrides: Mapping[str, Any]
+             ) -> tuple[BaseAttention, Preset, tuple[tuple[str, Any], ...], BaseAttention]:
+    """The registered method, the preset with the fidelity and ``overrides`` applied, the method's
+    own fields set by ``overrides`` and the configured method, with no weights loaded."""
+    base = get_method("naclip" if str(method).lower() == METHOD_ALIAS else method)
+    chosen = get_preset(preset)
+    if fidelity is not None:
+        chosen = to_fidelity(chosen, fidelity)
+    settings, own = split_method_overrides(overrides, base.name)
+    chosen = apply_overrides(chosen, settings)
+    fields = tuple(sorted(own.items()))
+    return base, chosen, fields, configured_method(base.name, chosen.fidelity, chosen.name, fields,
+                                                   chosen.protocol)
+
+
+def reads_regions(method: str, preset: str = "default", fidelity: Fidelity | None = None,
+                  **overrides: Any) -> bool:
+    """Whether :func:`create_segmenter` with these arguments makes a segmenter that reads instance
+    maps (:attr:`resclip.Segmenter.reads_regions`), known without loading any weights.
+
+    Raises:
+        ValueError, TypeError: as :func:`create_segmenter` for an unknown method, preset or setting.
+    """
+    _, chosen, _, configured = _resolve(method, preset, fidelity, overrides)
+    return bool(configured.uses_regions or chosen.protocol.region_vote)
 
 
 def _local_checkpoint(model: str | None, pretrained: str | None) -> Path | None:

@@ -398,12 +398,8 @@ def _window_release(ds: str, family: str, title: str, trunk: str, **protocol: An
 
 
 def _proxyclip(ds: str) -> Preset:
-    # the MAE proxy sees every window resized to the release's slide_crop
-    mae = (("mae_input", _PROXYCLIP[ds].slide_crop),)
     return replace(_window_release(ds, "proxyclip", "ProxyCLIP", "fused"),
                    class_file=_PROXYCLIP_CLASS_FILES.get(ds),
-                   method_options=tuple((name, mae)
-                                        for name in ("proxyclip", "proxyclip_sam", "proxyclip_mae")),
                    description=f"ProxyCLIP repository protocol for {ds} (DINO proxy attention)")
 
 

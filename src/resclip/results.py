@@ -235,13 +235,15 @@ def json_text(record: dict[str, Any]) -> str:
 
 
 def output_files(result: SegResult, folder: Path, stem: str, opts: OutputOptions,
-                 image: str | Path | None = None) -> list[tuple[Path, bytes]]:
+                 image: str | Path | None = None, regions: str | None = None) -> list[tuple[Path, bytes]]:
     """The files ``resclip segment`` writes for one result, as ``(path, bytes)`` pairs, for one
     all-or-nothing :func:`resclip.fileio.atomic_write_all`: ``<stem>_mask.png`` (palette PNG of
     class indices), ``<stem>_overlay.png`` (the image with colours and a legend), ``<stem>.json``
     (:func:`result_record`, naming ``image``, default ``stem``) and, with ``opts.save_probs``,
     ``<stem>_probs.npz``. With ``opts.unknown``, pixels whose class probability is below it get the
-    label ``C`` (one past the last class), named ``unknown`` in the legend and the JSON.
+    label ``C`` (one past the last class), named ``unknown`` in the legend and the JSON. ``regions``:
+    the identity of the instance map the image was segmented with (:func:`resclip.regions.identity`),
+    recorded in the JSON as ``"regions"``.
 
     Raises:
         ValueError: the result does not hold its image (made without ``Segmenter.predict``).
@@ -272,6 +274,8 @@ def output_files(result: SegResult, folder: Path, stem: str, opts: OutputOptions
         files["probs"] = paths["probs"].name
     record = result_record(stem if image is None else image, mask, shown, result.settings or {}, opts.palette,
                            opts.alpha, files, output=opts.record(), rle=opts.rle)
+    if regions is not None:
+        record["regions"] = regions
     # a file name that is not UTF-8 (a lone surrogate from the file system) is kept as a JSON \uXXXX escape
     text = (json_text(record) + "\n").encode("utf-8", errors="backslashreplace")
     out = [(paths["mask"], mask_png.getvalue()), (paths["overlay"], overlay_png.getvalue()),

@@ -482,8 +482,9 @@ class Segmenter:
                 the image's size.
         """
         if regions is not None and not self.reads_regions:
-            raise ValueError(f"regions= would not be used: method {self.config.method!r} reads no instance "
-                             "map; use corrclip or a protocol with region_vote=True")
+            from .regions import RegionsError, unused_message
+
+            raise RegionsError(unused_message(self.config.method))
         rgb = load_image(image)
         self.check_size(rgb.shape[:2])
         spec, text = self.encode_classes(classes, embeddings)
@@ -525,8 +526,10 @@ class Segmenter:
         if regions is not None:
             inst = torch.as_tensor(np.asarray(regions) if not isinstance(regions, torch.Tensor) else regions)
             if inst.dim() != 2 or tuple(inst.shape) != (h, w) or inst.is_floating_point():
-                raise ValueError(f"regions must be an (H, W) = ({h}, {w}) integer instance map of the image, "
-                                 f"got {tuple(inst.shape)} {inst.dtype}")
+                from .regions import RegionsError
+
+                raise RegionsError(f"regions must be an (H, W) = ({h}, {w}) integer instance map of the "
+                                   f"image, got {tuple(inst.shape)} {inst.dtype}")
             return inst.long()
         if method.uses_regions:
             return method.image_regions(rgb, self.engine.aux)
@@ -722,9 +725,11 @@ class Segmenter:
         )
 
     # ------------------------------------------------------------------ variants
-    def with_method(self, method: str, *, rcs: bool | None = None, sfr: bool | None = None) -> Segmenter:
-        """This segmenter with another base method or module choice, sharing its CLIP weights and
-        text cache (see :func:`resclip.factory.with_method`), e.g. ``seg.with_method("sclip", sfr=False)``."""
+    def with_method(self, method: str, *, rcs: bool | None = None, sfr: bool | None = None,
+                    fields: dict[str, Any] | None = None) -> Segmenter:
+        """This segmenter with another base method or module choice (and that method's own
+        ``fields``), sharing its CLIP weights and text cache (see :func:`resclip.factory.with_method`),
+        e.g. ``seg.with_method("sclip", sfr=False)``."""
         from .factory import with_method  # the factory builds engines; it imports this module
 
-        return with_method(self, method, rcs=rcs, sfr=sfr)
+        return with_method(self, method, rcs=rcs, sfr=sfr, fields=fields)

@@ -224,25 +224,35 @@ def regions_overrides(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     name = get_method("naclip" if args.method == METHOD_ALIAS else args.method).name
     key = f"{name}_masks"
-    if "masks" not in method_fields(get_method(name)) or any(o.startswith(f"{key}=") for o in args.overrides):
+    if "masks" not in method_fields(get_method(name)) or key in parse_overrides(args.overrides):
         return {}
     return {key: "given"}
 
 
-def check_regions_dir(folder: str, stems: list[str]) -> None:
-    """Fail before the model loads when the --regions folder or an image's instance map is missing.
+def check_regions(args: argparse.Namespace, names: list[str] | None = None) -> None:
+    """Before any model loads: refuse --regions for a method that reads no regions, a missing folder
+    or (with ``names``) images without a map; ``args.regions`` becomes the resolved folder.
 
     Raises:
-        UserError: naming the folder and the first image without a map.
+        UserError: one line naming the problem and the fix.
     """
-    from ..corrclip import instance_map_file
+    from ..factory import reads_regions
+    from ..regions import RegionsError, check_folder, resolve_dir, unused_message
 
-    if not Path(folder).expanduser().is_dir():
-        raise UserError(f"--regions folder {folder!r} does not exist")
-    missing = [stem for stem in stems if instance_map_file(Path(folder).expanduser(), stem) is None]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(stems)} images have no instance map in {folder!r} (first: "
-                        f"{missing[0]!r}; expected <image stem>.npz, .npy or .png)")
+    if not getattr(args, "regions", None):
+        return
+    settings = {**parse_overrides(args.overrides), **regions_overrides(args)}
+    try:
+        reads = reads_regions(args.method, args.preset, args.fidelity, **settings)
+    except (ValueError, TypeError):
+        reads = True  # a bad setting: create_segmenter names it in its own words
+    if not reads:
+        raise UserError(unused_message(args.method, args.regions))
+    try:
+        folder = check_folder(args.regions, names) if names is not None else resolve_dir(args.regions)
+        args.regions = str(folder)
+    except RegionsError as err:
+        raise UserError(str(err)) from None
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

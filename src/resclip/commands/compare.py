@@ -20,7 +20,7 @@ from ..classes import load_classes
 from ..fileio import atomic_write
 from ..palettes import PALETTES, class_palette
 from ..viz import FIGURE_SUFFIXES
-from .common import UserError, add_model_arguments, cli_warnings, segmenter_from_args
+from .common import UserError, add_model_arguments, cli_warnings, parse_overrides, segmenter_from_args
 from .segment import check_output, segment_array
 
 if TYPE_CHECKING:  # torch-importing modules load when used, so --help answers at once
@@ -34,11 +34,23 @@ DEFAULT_METHODS = "clip,maskclip,sclip,clearclip,naclip,resclip"
 
 
 def shared_segmenter(args: argparse.Namespace, variants: Iterable[Variant]) -> Segmenter:
-    """Load the CLIP once, with the RCS / SFR settings any of ``variants`` needs."""
+    """Load the CLIP once, with the RCS / SFR settings any of ``variants`` needs (the methods' own
+    ``--set <method>_<field>`` settings are applied per variant, :func:`variant_fields`)."""
+    from ..factory import method_field_owner
+
     chosen = list(variants)
     args = argparse.Namespace(**vars(args))
     args.method, args.rcs, args.sfr = "naclip", any(v.rcs for v in chosen), any(v.sfr for v in chosen)
+    args.overrides = [item for item in args.overrides
+                      if method_field_owner(item.partition("=")[0].strip().replace("-", "_")) is None]
     return segmenter_from_args(args)
+
+
+def variant_fields(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The ``--set <method>_<field>`` settings of one variant's method."""
+    from ..factory import fields_for
+
+    return fields_for(parse_overrides(args.overrides), method)
 
 
 def hide_options(parser: argparse.ArgumentParser, dests: Sequence[str]) -> None:
@@ -120,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         for i, rgb in enumerate(images):
             masks = []
             for variant in variants:
-                seg = base.with_method(variant.method, rcs=variant.rcs, sfr=variant.sfr)
+                seg = base.with_method(variant.method, rcs=variant.rcs, sfr=variant.sfr,
+                                       fields=variant_fields(args, variant.method))
                 title = variant.title if args.labels == "paper" else variant.label
                 masks.append((title, segment_array(seg, rgb, spec, emb)))
             rows.append(CompareRow(rgb, masks, truths[i] if truths else None))

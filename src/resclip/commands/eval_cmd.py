@@ -18,7 +18,7 @@ from .common import (
     add_data_arguments,
     add_model_arguments,
     add_regions_argument,
-    check_regions_dir,
+    check_regions,
     check_run_args,
     check_writable,
     evaluation_options,
@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
         found = preset.class_file_path()  # a repository's own class names for this benchmark
         args.class_file = str(found) if found is not None else None
     samples = list_samples(spec, args.root, args.limit)  # fail on missing data before loading a model
-    if args.regions:
-        check_regions_dir(args.regions, [s.stem for s in samples])
+    check_regions(args, [s.stem for s in samples])
     if args.output:  # fail on unwritable outputs before any work
         check_writable(Path(args.output).expanduser().parent, "results")
     if args.save_predictions:

@@ -220,11 +220,13 @@ class Runner:
 
     def _run(self, row: Row, backbone: str, ds: str, root: Path) -> tuple[float | None, str]:
         from ..eval import evaluate, write_results
-        from ..factory import create_segmenter
+        from ..factory import create_segmenter, method_field_owner
 
         arch, tag = BACKBONES[backbone]
         model, pretrained = (None, self.weights[backbone]) if backbone in self.weights else (arch, tag)
-        overrides = dict(self.overrides)
+        # another method's own fields (--set proxyclip_beta=...) apply to that method's rows only
+        overrides = {k: v for k, v in self.overrides.items()
+                     if (owner := method_field_owner(k)) is None or owner[0] == row.method}
         if row.rcs_layers is not None:
             overrides["rcs_layers"] = row.rcs_layers
         assert row.method is not None

@@ -48,7 +48,7 @@ from .common import (
     UserError,
     add_model_arguments,
     add_regions_argument,
-    check_regions_dir,
+    check_regions,
     cli_warnings,
     regions_overrides,
     segmenter_from_args,
@@ -196,23 +196,29 @@ def finished_record(job: Job) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def expected_record(spec: ClassSpec, seg: Segmenter, opts: OutputOptions, job: Job) -> dict[str, Any]:
-    """What a finished image's JSON must hold for this run (settings, classes, output options)."""
+def expected_record(spec: ClassSpec, seg: Segmenter, opts: OutputOptions, job: Job,
+                    regions_dir: str | None = None) -> dict[str, Any]:
+    """What a finished image's JSON must hold for this run (settings, classes, output options and,
+    with ``regions_dir``, the identity of the image's instance map)."""
+    from ..regions import identity
+
     classes = [{"name": name, "synonyms": [q for q, c in zip(spec.queries, spec.query_to_class, strict=True)
                                            if c == index]}
                for index, name in enumerate(spec.names)]
     # through JSON, as the record was stored (tuples become lists)
+    regions = {"regions": identity(regions_dir, job.image.stem)} if regions_dir is not None else {}
     return json.loads(json.dumps({
         "settings": seg.config.to_dict(),
         "classes": classes,
         "output": opts.record(),
         "mask": job.mask.name,
         "overlay": job.overlay.name,
+        **regions,
     }))
 
 
-def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter,
-                   opts: OutputOptions) -> tuple[list[Job], list[Job]]:
+def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter, opts: OutputOptions,
+                   regions_dir: str | None = None) -> tuple[list[Job], list[Job]]:
     """(jobs to run, jobs already finished with these settings).
 
     Raises:
@@ -224,7 +230,7 @@ def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter,
         if record is None or (opts.save_probs and not job.probs.is_file()):
             todo.append(job)
             continue
-        want = expected_record(spec, seg, opts, job)
+        want = expected_record(spec, seg, opts, job, regions_dir)
         got = {key: record.get(key) for key in want}
         if key_classes := got.get("classes"):
             got["classes"] = [{"name": c.get("name"), "synonyms": c.get("synonyms")}
@@ -240,7 +246,7 @@ def split_finished(jobs: Sequence[Job], spec: ClassSpec, seg: Segmenter,
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def write_outputs(job: Job, result: SegResult, opts: OutputOptions) -> None:
+def write_outputs(job: Job, result: SegResult, opts: OutputOptions, regions: str | None = None) -> None:
     """Write one image's files (:func:`resclip.results.output_files`), all or none.
 
     Raises:
@@ -249,7 +255,8 @@ def write_outputs(job: Job, result: SegResult, opts: OutputOptions) -> None:
     """
     from ..results import output_files
 
-    atomic_write_all(output_files(result, job.json.parent, job.json.stem, opts, image=job.image))
+    atomic_write_all(output_files(result, job.json.parent, job.json.stem, opts, image=job.image,
+                                  regions=regions))
 
 
 # ------------------------------------------------------------------------------------------- command
@@ -305,14 +312,13 @@ def run(args: argparse.Namespace) -> int:
     images = expand_inputs(args.images)
     out = Path(args.out).expanduser()
     jobs = plan_jobs(images, out, args.overwrite)
-    if args.regions:
-        check_regions_dir(args.regions, [job.image.stem for job in jobs])
+    check_regions(args, [job.image.stem for job in jobs])  # before the model loads
     seg = segmenter_from_args(args, regions_overrides(args))
     spec, emb = seg.encode_classes(cast(Any, spec))
     seg.release_text_tower()  # the classes are fixed for the run: only the visual tower is needed
     skipped: list[Job] = []
     if not args.overwrite:
-        jobs, skipped = split_finished(jobs, spec, seg, output_options(args))
+        jobs, skipped = split_finished(jobs, spec, seg, output_options(args), args.regions)
     if skipped and not args.quiet:
         n = len(skipped)
         print(f"skipped {n} image{'s' if n != 1 else ''} already segmented with these settings in "
@@ -335,8 +341,8 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
     from PIL import Image
     from tqdm import tqdm
 
-    from ..corrclip import instance_map_file, read_instance_map
     from ..preprocess import load_image
+    from ..regions import identity, load
 
     if not jobs:
         return 0
@@ -352,32 +358,35 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
 
     opts = output_options(args)
 
-    def write(job: Job, result: SegResult) -> None:
-        write_outputs(job, result, opts)
+    def write(job: Job, result: SegResult, regions: str | None) -> None:
+        write_outputs(job, result, opts, regions)
+
+    def read(job: Job) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+        """The image, and with --regions its instance map and the map's identity."""
+        if not args.regions:
+            return load_image(job.image), None, None
+        stem = job.image.stem
+        return load_image(job.image), load(args.regions, stem), identity(args.regions, stem)
 
     bar = tqdm(total=len(jobs), desc="segment", unit="image",
                disable=True if args.quiet or len(jobs) < 2 else None)
     pool = ThreadPoolExecutor(args.workers) if args.workers > 0 else None
-    loads: dict[int, Future[np.ndarray]] = {}
+    loads: dict[int, Future[tuple[np.ndarray, np.ndarray | None, str | None]]] = {}
     writes: list[tuple[Job, Future[None]]] = []
     try:
         for i, job in enumerate(jobs):
             if pool is not None:  # keep the next images decoding while this one runs
                 for ahead in range(i, min(i + args.workers + 1, len(jobs))):
                     if ahead not in loads:
-                        loads[ahead] = pool.submit(load_image, jobs[ahead].image)
+                        loads[ahead] = pool.submit(read, jobs[ahead])
             try:
                 with cli_warnings():  # a fresh context per image: its warnings are shown for every image
-                    rgb = loads.pop(i).result() if pool is not None else load_image(job.image)
-                    regions = None
-                    if args.regions:
-                        found = instance_map_file(Path(args.regions).expanduser(), job.image.stem)
-                        regions = read_instance_map(found) if found is not None else None
+                    rgb, regions, which = loads.pop(i).result() if pool is not None else read(job)
                     result = seg.predict(rgb, cast(Any, spec), embeddings=emb, regions=regions)
                 if pool is not None:
-                    writes.append((job, pool.submit(write, job, result)))
+                    writes.append((job, pool.submit(write, job, result, which)))
                 else:
-                    write(job, result)
+                    write(job, result, which)
             except errors as err:
                 fail(job, err)
             bar.update(1)

@@ -93,8 +93,8 @@ def build_grid(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]
         if not sep:
             raise UserError(f"--grid expects KEY=V,V,..., got {item!r}")
         key = key.strip().replace("-", "_")
-        parse_overrides([f"{key}=0"])  # validates the key
         axes[key] = _values(raw, f"--grid {key}")
+        parse_overrides([f"{key}={value}" for value in axes[key]])  # the key and each value's type
     if not axes:
         raise UserError("nothing to sweep: give --lambda-rcs, --lambda-sfr, --rcs-layers or --grid")
     keys = list(axes)

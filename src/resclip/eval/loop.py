@@ -17,7 +17,6 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from ..classes import ClassSpec, read_class_file
-from ..corrclip import instance_map_file
 from ..datasets import (
     DatasetError,
     DatasetNotFoundError,
@@ -30,6 +29,7 @@ from ..datasets import (
     save_prediction,
 )
 from ..metrics import ConfusionMatrix, SegMetrics, compute_metrics, sparse_confusion
+from ..regions import RegionsError, check_folder, unused_message
 from ..segmenter import Segmenter
 from .distributed import DistInfo, all_reduce, current_dist
 from .results import EvalResult
@@ -85,9 +85,7 @@ class _Scorer:
             raise DatasetError(item.error or f"could not read {item.sample.image}")
         try:
             mask = segment_mask(self.seg, item.image, self.classes, self.text, item.regions)
-        except ValueError as err:
-            if item.regions is None or not str(err).startswith("regions must be"):
-                raise
+        except RegionsError as err:  # a map of another size than its image
             raise DatasetError(f"{item.sample.stem}: {err}") from None
         return sparse_confusion(mask, item.label, self.spec.num_classes), mask
 
@@ -132,7 +130,7 @@ def evaluate(
             their segmenter serves one dataset); keep False to use ``seg`` with other class lists.
         regions_dir: a folder of instance maps, one ``<image stem>.npz`` (CorrCLIP's pre-generated
             masks: key ``instance_mask``), ``.npy`` or ``.png`` per image at its original size
-            (:func:`resclip.corrclip.read_instance_map`), for a segmenter that reads regions
+            (:func:`resclip.regions.read`), for a segmenter that reads regions
             (CorrCLIP, ``region_vote``) instead of making them with SAM 2.
 
     Returns:
@@ -149,7 +147,7 @@ def evaluate(
     spec = get_dataset_spec(dataset)
     samples = list_samples(spec, root, limit)
     if regions_dir is not None:
-        check_regions_dir(seg, samples, regions_dir)
+        regions_dir = check_regions_dir(seg, samples, regions_dir)
     lines, cls_path = benchmark_class_lines(spec, class_file)
     classes, text = _encode(seg, lines, shipped=class_file is None)
     if release_text_tower:
@@ -188,25 +186,23 @@ def evaluate(
         elapsed_s=time.time() - started,
         state_key=key,
         unassigned=unassigned,
+        extra={"regions": str(regions_dir)} if regions_dir is not None else {},
     )
 
 
-def check_regions_dir(seg: Segmenter, samples: list[Sample], regions_dir: str | os.PathLike[str]) -> None:
-    """Fail before any work when ``seg`` reads no regions, or when images have no instance map there.
+def check_regions_dir(seg: Segmenter, samples: list[Sample], regions_dir: str | os.PathLike[str]) -> Path:
+    """The resolved folder, refused before any work when ``seg`` reads no regions or when images have
+    no instance map there.
 
     Raises:
         ValueError: a segmenter without regions; DatasetNotFoundError: the folder or a file is missing.
     """
     if not seg.reads_regions:
-        raise ValueError(f"instance maps from {os.fspath(regions_dir)!r} would not be used: method "
-                         f"{seg.config.method!r} reads no regions; use corrclip or --set region_vote=True")
-    if not Path(regions_dir).is_dir():
-        raise DatasetNotFoundError(f"instance-map folder {os.fspath(regions_dir)!r} does not exist")
-    missing = [s.stem for s in samples if instance_map_file(regions_dir, s.stem) is None]
-    if missing:
-        raise DatasetNotFoundError(
-            f"{len(missing)} of {len(samples)} images have no instance map in {os.fspath(regions_dir)!r} "
-            f"(first: {missing[0]!r}; expected <image stem>.npz, .npy or .png)")
+        raise ValueError(unused_message(seg.config.method, regions_dir))
+    try:
+        return check_folder(regions_dir, [s.stem for s in samples])
+    except RegionsError as err:
+        raise DatasetNotFoundError(str(err)) from None
 
 
 def _encode(seg: Segmenter, lines: list[str], shipped: bool) -> tuple[ClassSpec, torch.Tensor]:

@@ -20,9 +20,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..datasets import DatasetNotFoundError, DatasetSpec, Sample, regions_file
+from ..datasets import DatasetSpec, Sample
 from ..digest import bytes_digest, file_digest, module_digest
 from ..fileio import OutputError, atomic_write, cache_root
+from ..regions import identity
 from ..segmenter import Segmenter
 from ..textencode import text_fingerprint
 
@@ -66,9 +67,11 @@ def sample_source(sample: Sample, regions_dir: str | os.PathLike[str] | None = N
         content = file_digest(sample.label)
         source = f"image {image.st_size} {image.st_mtime_ns}; annotation {label.st_size} {content}"
         if regions_dir is not None:
-            found = regions_file(sample, regions_dir)
-            source += f"; regions {found.name} {file_digest(found)}"
-    except (OSError, DatasetNotFoundError):
+            found = identity(regions_dir, sample.stem)
+            if not found:
+                return ""
+            source += f"; regions {found}"
+    except OSError:
         return ""
     return source
 

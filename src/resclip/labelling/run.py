@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -237,7 +237,9 @@ def label_shards(seg: Segmenter, ctx: LabelContext, emb: torch.Tensor, shards: S
 
     def decoded(item: Item) -> tuple[Any, Any]:
         """The image and, with ``ctx.regions``, its instance map (read on the same worker thread)."""
-        return decode(item), (None if ctx.regions is None else image_regions(ctx.regions, item.id))
+        from ..regions import load
+
+        return decode(item), (None if ctx.regions is None else load(ctx.regions, item.id))
 
     def encode(image_id: str, mask: np.ndarray) -> dict[str, Any]:
         import io
@@ -323,32 +325,17 @@ def label_shards(seg: Segmenter, ctx: LabelContext, emb: torch.Tensor, shards: S
                 ex.shutdown(wait=True, cancel_futures=True)
 
 
-def image_regions(folder: str, image_id: str) -> np.ndarray:
-    """The ``(H, W)`` int64 instance map of ``image_id`` in ``folder``
-    (:func:`resclip.corrclip.read_instance_map`).
-
-    Raises:
-        ValueError: no ``<id>.npz`` / ``.npy`` / ``.png`` there, or an unreadable one (one line each).
-    """
-    from ..corrclip import instance_map_file, read_instance_map
-
-    stem, suffix = os.path.splitext(image_id)  # a file source's id keeps the image's suffix
-    found = instance_map_file(folder, image_id) or (instance_map_file(folder, stem) if suffix else None)
-    if found is None:
-        raise ValueError(f"no instance map for {image_id!r} in {folder!r} (expected <id>.npz, .npy or .png, "
-                         "the id without its image suffix also works)")
-    return read_instance_map(found)
-
-
-def _check_regions(seg: Segmenter, options: LabelOptions) -> None:
-    """Refuse ``options.regions`` before any work when the folder is missing or ``seg`` reads none."""
+def _check_regions(model: ModelSpec, options: LabelOptions) -> LabelOptions:
+    """``options`` with its regions folder resolved; refused before any model loads when the folder
+    is missing or the model reads no regions (:func:`resclip.factory.reads_regions`)."""
     if options.regions is None:
-        return
-    if not Path(options.regions).is_dir():
-        raise ValueError(f"instance-map folder {options.regions!r} does not exist")
-    if not seg.reads_regions:
-        raise ValueError(f"instance maps from {options.regions!r} would not be used: method "
-                         f"{seg.config.method!r} reads no regions; use corrclip or --set region_vote=True")
+        return options
+    from ..factory import reads_regions
+    from ..regions import resolve_dir, unused_message
+
+    if not reads_regions(model.method, model.preset, cast(Any, model.fidelity), **dict(model.overrides)):
+        raise ValueError(unused_message(model.method, options.regions))
+    return replace(options, regions=str(resolve_dir(options.regions)))
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -401,6 +388,7 @@ def run_label(source: str | os.PathLike[str] | Sequence[str], classes: Any, out:
     need("pyarrow.parquet")  # the output format: say what to install before any work
     spec = parse_classes(classes)
     shards = list_shards(source, options.source)
+    options = _check_regions(model, options)
     out_dir = Path(out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r} is a file, expected a folder")
@@ -420,7 +408,6 @@ def run_label(source: str | os.PathLike[str] | Sequence[str], classes: Any, out:
         if info.world_size > 1 and model.pretrained is None:
             raise ValueError(random_weights)
         seg = model.create(device)
-        _check_regions(seg, options)
         spec, emb = seg.encode_classes(cast(Any, spec))
         seg.release_text_tower()
         record = _record(_source_text(source), shards, options, seg, spec, emb.cpu().numpy())
@@ -482,7 +469,6 @@ def _run_ray(source: str | os.PathLike[str] | Sequence[str], spec: ClassSpec, ou
     from .ray_engine import run_ray
 
     seg = model.create("cpu" if model.device == "auto" else model.device)  # settings and class embeddings
-    _check_regions(seg, options)
     spec, emb = seg.encode_classes(cast(Any, spec))
     record = _record(_source_text(source), shards, options, seg, spec, emb.cpu().numpy())
     check_record(out, record)

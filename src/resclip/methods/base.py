@@ -126,6 +126,12 @@ class BaseAttention:
         """This method with its release-vs-paper switches set for ``fidelity`` (default: itself)."""
         return self
 
+    def for_protocol(self, protocol: Any) -> BaseAttention:
+        """This method with the fields it derives from the inference protocol (a
+        :class:`resclip.protocol.Protocol`) filled in, e.g. ProxyCLIP's MAE input side from the window
+        crop (default: itself)."""
+        return self
+
 
 @dataclass
 class StageContext:

@@ -35,7 +35,7 @@ proxy attention of each head.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -120,14 +120,15 @@ class ProxyCLIP(BaseAttention):
             ``dinov2_vitb14_reg``), ``"sam"`` (SAM ViT-B's image encoder on the window resized to
             1024 x 1024, a 64 x 64 grid) or ``"mae"`` (an MAE ViT-B/16 encoder on the window resized
             to ``mae_input`` squared).
-        mae_input: the side MAE sees (the release resizes every window to its ``slide_crop``; the
-            proxyclip presets set it from theirs).
+        mae_input: the side MAE sees; None (default): the protocol's ``slide_crop``, as the release
+            builds MAE at its crop and resizes every window to it (whole-image inference: each image
+            at its own size).
     """
 
     beta: float = 1.2
     gamma: float = 3.0
     vfm: str = "dino"
-    mae_input: int = 336
+    mae_input: int | None = None
 
     replaces_last_block = True
     aux_models: ClassVar[tuple[str, ...]] = ("dino",)
@@ -136,8 +137,9 @@ class ProxyCLIP(BaseAttention):
         super().__post_init__()
         if self.vfm not in VFMS:
             raise ValueError(f"proxyclip vfm must be one of {VFMS}, got {self.vfm!r}")
-        if not isinstance(self.mae_input, int) or self.mae_input < 1:
-            raise ValueError(f"proxyclip mae_input must be a positive integer, got {self.mae_input!r}")
+        if self.mae_input is not None and (not isinstance(self.mae_input, int) or self.mae_input < 1):
+            raise ValueError(f"proxyclip mae_input must be a positive integer or None, got "
+                             f"{self.mae_input!r}")
 
     @property
     def has_scores(self) -> bool:
@@ -146,6 +148,11 @@ class ProxyCLIP(BaseAttention):
 
     def required_aux(self) -> tuple[str, ...]:
         return (self.vfm,)
+
+    def for_protocol(self, protocol: Any) -> BaseAttention:
+        if self.mae_input is None and protocol.slide_crop > 0:
+            return replace(self, mae_input=int(protocol.slide_crop))
+        return self
 
     def out_patch(self, clip_patch: int, aux: Mapping[str, Any]) -> int | None:
         if self.vfm in ("sam", "mae"):
