@@ -265,7 +265,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        name = r.get("method", "?")
+        name = r.get("variant", r.get("method", "?"))
         desc = METHODS[name].description if name in METHODS else ""
         if r.get("status") != "ok":
             lines.append(f"| {name} | {desc} | {r.get('status')}: {str(r.get('error'))[:100]} |||||||")
@@ -279,6 +279,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {m['predict_peak_over_models_mib']:.0f} | {added} |"
         )
     return "\n".join(lines)
+
+
+def _subset(methods: str) -> str:
+    """``""`` for every method, else ``_<m1>-<m2>`` (a subset run does not replace the full one's file)."""
+    names = split_list(methods)
+    return "" if names == list(METHODS) else "_" + "-".join(names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,7 +351,8 @@ def run_methods(args: argparse.Namespace, folder: Path) -> tuple[dict[str, Any],
         spec["overrides"]["aux_pretrained"] = spec["aux_pretrained"]
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         res = run_child(spec, env, args.timeout, script=__file__)
-        res.setdefault("method", name)
+        res.setdefault("method", spec["method"])
+        res["variant"] = name  # proxyclip_dinov2 runs the method proxyclip
         rows.append(res)
         if res.get("status") == "ok":
             print(
@@ -400,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (
         Path(args.output)
         if args.output
-        else RESULTS / f"bench_aux_{started:%Y-%m-%d}_{machine_slug(args.device)}.json"
+        else RESULTS / f"bench_aux_{started:%Y-%m-%d}_{machine_slug(args.device)}{_subset(args.methods)}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
