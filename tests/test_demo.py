@@ -299,3 +299,17 @@ def test_demo_command_missing_checkpoint(capsys, tmp_path):
     assert [line for line in err.splitlines() if line.startswith("resclip: error:")] == [
         line for line in err.splitlines() if "no such checkpoint file" in line
     ]
+
+
+def test_method_fields_reach_their_method_only(tiny_ckpt):
+    """A ``<method>_<field>`` setting (``--set naclip_gaussian_std=2.5``) reaches that method's
+    segmenter; the shared base and the other methods load without it."""
+    from resclip import demo
+
+    fields = (*DEMO_FAST, ("naclip_gaussian_std", 2.5), ("proxyclip_beta", 1.0))
+    settings = demo.DemoSettings(pretrained=str(tiny_ckpt), device="cpu", overrides=fields)
+    naclip = demo.method_segmenter(settings, "naclip", True, True)
+    sclip = demo.method_segmenter(settings, "sclip", True, False)
+    assert naclip.engine.method.gaussian_std == 2.5
+    assert naclip.config.method_fields == (("gaussian_std", 2.5),)
+    assert sclip.config.method_fields == () and sclip.engine.visual is naclip.engine.visual

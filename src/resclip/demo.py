@@ -53,7 +53,7 @@ from . import viz
 from .classes import ClassListWarning, ClassSpec, load_classes, read_class_file
 from .datasets import DATASETS, class_file_path, get_dataset_spec
 from .eval.loop import segment_mask as segment_array
-from .factory import create_segmenter
+from .factory import create_segmenter, fields_for, method_field_owner
 from .methods import get_method, list_methods
 from .palettes import class_palette
 from .preprocess import ImageInput, load_image
@@ -215,13 +215,21 @@ def weights_notice(settings: DemoSettings) -> str | None:
 
 @functools.lru_cache(maxsize=2)
 def load_base(settings: DemoSettings) -> Segmenter:
-    """The shared segmenter (CLIP weights, tokenizer, RCS and SFR settings), loaded once per settings."""
+    """The shared segmenter (CLIP weights, tokenizer, RCS and SFR settings), loaded once per settings;
+    the methods' own ``<method>_<field>`` settings are applied per method (:func:`method_segmenter`)."""
+    shared = {k: v for k, v in settings.overrides if method_field_owner(k) is None}
     return create_segmenter(
         method="naclip", rcs=True, sfr=True, preset=settings.preset, model=settings.model,
         pretrained=settings.pretrained, device=settings.device, precision=settings.precision,
         fidelity=cast(Any, settings.fidelity), window_batch=settings.window_batch,
-        aux_pretrained=dict(settings.aux_pretrained), **dict(settings.overrides),
+        aux_pretrained=dict(settings.aux_pretrained), **shared,
     )
+
+
+def method_segmenter(settings: DemoSettings, method: str, rcs: bool, sfr: bool) -> Segmenter:
+    """The shared segmenter for ``method`` with its own fields from ``settings.overrides``."""
+    fields = fields_for(dict(settings.overrides), get_method(method).name)
+    return load_base(settings).with_method(method, rcs=rcs, sfr=sfr, fields=fields)
 
 
 def class_list(name: str) -> str:
@@ -409,7 +417,7 @@ def segment_image(
         if isinstance(image, (str, os.PathLike)):
             message = _hide_path(message, os.fspath(image))
         raise ValueError(message) from err
-    seg = load_base(settings).with_method(method, rcs=bool(rcs), sfr=bool(sfr))
+    seg = method_segmenter(settings, method, bool(rcs), bool(sfr))
     with _class_notes(notes):
         spec, emb = seg.encode_classes(cast(Any, spec))
     mask = segment_array(seg, rgb, spec, emb)
