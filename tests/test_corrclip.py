@@ -522,6 +522,22 @@ def test_segmenter_region_errors_and_vote_on_any_method(golden, cc, golden_ckpts
         rgb, VOCLIKE, embeddings=golden["classifier__voclike"], regions=m0)
     np.testing.assert_array_equal(voted.mask, vote(torch.from_numpy(plain.mask.astype(np.int64)), m0).numpy())
     assert (voted.mask != plain.mask).any()
+    # predict_batch takes one map per image and equals predict image by image
+    voter = golden_segmenter("sclip", golden_ckpts["b16"], preset="sclip/voc21", region_vote=True)
+    other = np.ascontiguousarray(np.asarray(m0)[::-1])
+    emb = golden["classifier__voclike"]
+    batch = voter.predict_batch([rgb, rgb], VOCLIKE, embeddings=emb, regions=[m0, other])
+    np.testing.assert_array_equal(batch[0].mask, voted.mask)
+    one = voter.predict(rgb, VOCLIKE, embeddings=emb, regions=other)
+    np.testing.assert_array_equal(batch[1].mask, one.mask)
+    assert not np.array_equal(batch[0].mask, batch[1].mask)  # each image voted with its own map
+    with pytest.raises(ValueError, match=r"^regions= holds 1 maps for 2 images; give one per image$"):
+        voter.predict_batch([rgb, rgb], VOCLIKE, embeddings=golden["classifier__voclike"], regions=[m0])
+    with pytest.raises(ValueError, match=r"^images\[1\]: regions must be an \(H, W\)"):
+        voter.predict_batch([rgb, rgb], VOCLIKE, embeddings=golden["classifier__voclike"],
+                            regions=[m0, np.zeros((3, 3), np.int64)])
+    with pytest.raises(ValueError, match=r"^regions= would not be used: method 'sclip' reads no regions"):
+        sclip.predict_batch([rgb], VOCLIKE, embeddings=golden["classifier__voclike"], regions=[m0])
     with pytest.raises(ValueError, match="region_vote needs each image's regions: pass regions= to predict"):
         golden_segmenter("sclip", golden_ckpts["b16"], preset="sclip/voc21", region_vote=True).predict(
             rgb, VOCLIKE, embeddings=golden["classifier__voclike"])

@@ -656,6 +656,7 @@ class Segmenter:
         images: Sequence[ImageInput],
         classes: Sequence[str] | str,
         embeddings: torch.Tensor | np.ndarray | None = None,
+        regions: Sequence[torch.Tensor | np.ndarray] | None = None,
     ) -> list[SegResult]:
         """Segment several images by the same class names: the classes are parsed and encoded
         once, and equally sized sliding windows of different images go through the network in
@@ -668,10 +669,20 @@ class Segmenter:
                 ``(3, H, W)``, RGBA composited on white, grayscale), in any mix.
             classes: as for :meth:`predict`.
             embeddings: optional precomputed ``(Q, D)`` query embeddings.
+            regions: one ``(H, W)`` instance map per image, as :meth:`predict`'s ``regions``.
 
         Raises:
-            ValueError: naming the index of the first image that cannot be segmented.
+            ValueError: naming the index of the first image that cannot be segmented; ``regions``
+                not one per image, or given to a segmenter that reads none.
         """
+        if regions is not None:
+            from .regions import RegionsError, unused_message
+
+            if not self.reads_regions:
+                raise RegionsError(unused_message(self.config.method))
+            if len(regions) != len(images):
+                raise RegionsError(f"regions= holds {len(regions)} maps for {len(images)} images; give one "
+                                   "per image")
         spec, text = self.encode_classes(classes, embeddings)
         if self.protocol.cliper is not None or self.protocol.trident is not None:  # one image at a time
             return [self.predict(image, spec, embeddings=text) for image in images]  # type: ignore[arg-type]
@@ -686,10 +697,17 @@ class Segmenter:
             xs.append(self.resized_input(rgb))
         grouped = text.shape[0] > QUERY_BLOCK and any(
             text.shape[0] * x.shape[-2] * x.shape[-1] > self.logits_budget for x in xs)
+        given: list[Any] = list(regions) if regions is not None else [None] * len(rgbs)
         if grouped:  # many classes: one image at a time, queries in groups (see predict)
-            return [self.predict(rgb, spec, embeddings=text) for rgb in rgbs]  # type: ignore[arg-type]
+            return [self.predict(rgb, spec, embeddings=text, regions=m)  # type: ignore[arg-type]
+                    for rgb, m in zip(rgbs, given, strict=True)]
         q2c = torch.tensor(spec.query_to_class, dtype=torch.int64, device=self.device)
-        insts = [self.instance_map(rgb) for rgb in rgbs]
+        insts = []
+        for i, (rgb, m) in enumerate(zip(rgbs, given, strict=True)):
+            try:
+                insts.append(self.instance_map(rgb, m))
+            except ValueError as err:
+                raise type(err)(f"images[{i}]: {err}") from None
         small = [self._resized_regions(inst, x) for inst, x in zip(insts, xs, strict=True)]
         maps = None if any(m is None for m in small) else small
         all_logits = self.batch_image_logits(xs, text, q2c, window_batch=self.window_batch,
