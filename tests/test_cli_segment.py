@@ -567,6 +567,10 @@ def test_segment_with_instance_maps_from_a_folder(tmp_path, capsys, golden_ckpt_
     Image.fromarray(changed.astype(np.uint16)).save(tmp_path / "maps" / "a.png")
     rc, out, err = cli(capsys, *argv)  # a changed map is not taken for done
     one_error(rc, err, "a.json' exists with other regions; pass --overwrite")
+    Image.fromarray(maps["a"].astype(np.uint16)).save(tmp_path / "maps" / "a.png")
+    # the same settings without --regions: outputs made with the maps are not taken for done either
+    rc, out, err = cli(capsys, *argv[:-2], "--set", "corrclip_masks=given")
+    one_error(rc, err, "a.json' exists with other regions; pass --overwrite")
     (tmp_path / "maps" / "b.png").unlink()
     no_model = [a if a != golden_ckpt_b16 else "/nonexistent.pt" for a in argv]  # fails before loading
     rc, out, err = cli(capsys, *no_model, "--overwrite")

@@ -144,3 +144,23 @@ def test_reproduce_merges_runs_with_different_rows(tmp_path, capsys):
     assert json.loads(out.read_text())["table"] == "3"
 
 
+
+
+def test_method_fields_in_multi_method_commands_are_checked(tmp_path, capsys):
+    """compare refuses a field of a method it does not run (a typo would silently do nothing); sweep
+    names --grid in a grid value's type error. Both before any model loads."""
+    img = Path(__file__).parent / "data" / "benchmarks" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    img = img / "crop_000.jpg"
+    argv = ["compare", str(img), "--classes", "cat; dog", "--methods", "naclip,sclip", "--set",
+            "proxyclip_beta=2", "--out", str(tmp_path / "f.png"), "--pretrained", "/nonexistent.pt"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("resclip: error: --set proxyclip_beta is a field of proxyclip, which --methods does "
+                       "not run (naclip, sclip); add it to --methods or drop the setting")
+    from resclip.commands.common import UserError
+    from resclip.commands.sweep import build_grid
+
+    args = argparse.Namespace(lambda_rcs=None, lambda_sfr=None, rcs_layers=None,
+                              grid=["proxyclip_beta=1.0,x"])
+    with pytest.raises(UserError, match=r"^--grid setting proxyclip_beta: expected a number, got 'x'$"):
+        build_grid(args)

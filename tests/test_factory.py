@@ -154,3 +154,19 @@ def test_method_fields_for_commands_that_run_several_methods(base):
     keys, points = build_grid(args)
     assert keys == ["proxyclip_vfm", "proxyclip_beta"] and len(points) == 4
     assert points[1] == {"proxyclip_vfm": "dino", "proxyclip_beta": 1.2}
+
+
+def test_region_vote_is_refused_where_no_window_mask_is_voted(base):
+    """region_vote under CLIPer's or Trident's own pipeline would do nothing: refused in one line;
+    with_method(fields=) names an unknown field the same way as the keyword settings."""
+    from resclip.factory import apply_overrides, reads_regions
+    from resclip.presets import get_preset
+
+    for preset, name in (("trident/voc21", "Trident's"), ("cliper/voc21", "CLIPer's")):
+        with pytest.raises(ValueError, match=rf"^region_vote votes on a window method's mask; {name} own"):
+            apply_overrides(get_preset(preset), {"region_vote": True})
+    assert reads_regions("sclip", "sclip/voc21", region_vote=True)
+    assert reads_regions("corrclip", "corrclip/voc21") and not reads_regions("naclip", "voc21")
+    with pytest.raises(TypeError, match=r"^setting naclip_nope: method naclip has no field 'nope' \(its "
+                                        r"fields: gaussian_std\)$"):
+        base.with_method("naclip", fields={"nope": 1})

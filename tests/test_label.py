@@ -408,9 +408,9 @@ def test_instance_maps_from_a_folder(folder: Path, tmp_path: Path, golden_ckpt_b
         m[:, w // 3:] = 1 + n
         name = image_id if n % 2 else image_id.rsplit(".", 1)[0]  # both namings are found
         np.savez(maps / f"{name}.npz", instance_mask=m)
-    settings = {"short_side": 64, "slide_crop": 0, "rcs": False, "sfr": False, "corrclip_masks": "given"}
+    settings = {"short_side": 64, "slide_crop": 0, "rcs": False, "sfr": False}
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="custom ViT"):
+    with pytest.warns(UserWarning, match="custom ViT"):  # no SAM 2: regions= makes corrclip read the maps
         summary = label(folder, CLASSES, out, method="corrclip", preset="corrclip/voc21",
                         pretrained=str(golden_ckpt_b16), device="cpu", save_masks=True, progress=False,
                         aux_pretrained=aux, regions=maps, **settings)
@@ -421,7 +421,8 @@ def test_instance_maps_from_a_folder(folder: Path, tmp_path: Path, golden_ckpt_b
     assert record["settings"]["method_fields"] == [["masks", "given"]]
     with pytest.warns(UserWarning, match="custom ViT"):
         seg = resclip.create_segmenter("corrclip", preset="corrclip/voc21", pretrained=str(golden_ckpt_b16),
-                                       device="cpu", aux_pretrained=aux, text_cache=False, **settings)
+                                       device="cpu", aux_pretrained=aux, text_cache=False,
+                                       corrclip_masks="given", **settings)
     for image_id in ids[:-1]:
         found = next(maps.glob(f"{image_id.rsplit('.', 1)[0]}*.npz"))
         rgb = np.asarray(Image.open(folder / image_id).convert("RGB"))

@@ -20,7 +20,8 @@ FIX = "give an (H, W) integer label map as .npz (key instance_mask), .npy or a 1
 
 def test_formats(tmp_path: Path):
     """CorrCLIP's files (``<stem>.npz`` with ``instance_mask``), a one-array npz, a npy and 8 / 16-bit
-    PNGs give the same labels in their stored integer type (booleans as uint8)."""
+    PNGs give the same labels in a type every torch reads (stored int16 / int32 kept, booleans as uint8,
+    uint16 widened to int64)."""
     labels = (np.arange(35, dtype=np.int64).reshape(5, 7) * 37) % 300  # values above 255 for the 16-bit PNG
     np.savez_compressed(tmp_path / "a.npz", instance_mask=labels.astype(np.int32))
     np.savez(tmp_path / "b.npz", labels.astype(np.int16))
@@ -28,11 +29,10 @@ def test_formats(tmp_path: Path):
     Image.fromarray(labels.astype(np.uint16)).save(tmp_path / "d.png")
     Image.fromarray((labels % 256).astype(np.uint8)).save(tmp_path / "e.png")
     np.save(tmp_path / "f.npy", labels > 100)
-    for name, dtype in (("a.npz", np.int32), ("b.npz", np.int16), ("c.npy", np.uint16)):
+    for name, dtype in (("a.npz", np.int32), ("b.npz", np.int16), ("c.npy", np.int64), ("d.png", np.int64)):
         got = regions.read(tmp_path / name)
         assert got.dtype == dtype, name
         np.testing.assert_array_equal(got, labels, err_msg=name)
-    np.testing.assert_array_equal(regions.read(tmp_path / "d.png").astype(np.int64), labels)
     np.testing.assert_array_equal(regions.read(tmp_path / "e.png"), labels % 256)
     flags = regions.read(tmp_path / "f.npy")
     assert flags.dtype == np.uint8 and flags.sum() == (labels > 100).sum()
@@ -44,10 +44,18 @@ def test_lookup_identity_and_folder_checks(tmp_path: Path):
     (tmp_path / "sub").mkdir()
     np.save(tmp_path / "sub" / "photo.npy", np.full((2, 2), 3, np.int64))
     assert regions.find(tmp_path, "a") == tmp_path / "a.npz"  # .npz first
-    # a labelling id keeps its image suffix: the map without it is found
-    assert regions.find(tmp_path, "sub/photo.jpg") == tmp_path / "sub" / "photo.npy"
+    # a labelling id keeps its image suffix: the map without it is found (for ids only; a stem with a
+    # dot, frame.0001, never falls back to another image's frame.npy)
+    assert regions.find(tmp_path, "sub/photo.jpg", strip_image_suffix=True) == tmp_path / "sub" / "photo.npy"
+    assert regions.find(tmp_path, "sub/photo.jpg") is None
+    np.save(tmp_path / "frame.npy", np.zeros((2, 2), np.int64))
+    assert regions.find(tmp_path, "frame.0001") is None and regions.find(tmp_path, "frame.0001", True) is None
+    np.save(tmp_path.parent / "outside.npy", np.zeros((2, 2), np.int64))
+    assert regions.find(tmp_path, "../outside") is None  # never outside the folder
     assert regions.find(tmp_path, "zzz") is None and regions.identity(tmp_path, "zzz") == ""
-    assert regions.load(tmp_path, "sub/photo.jpg").max() == 3
+    assert regions.load(tmp_path, "sub/photo.jpg", strip_image_suffix=True).max() == 3
+    labels, ident = regions.load_with_identity(tmp_path, "a")
+    assert labels.max() == 1 and ident == regions.identity(tmp_path, "a")
     name, digest = regions.identity(tmp_path, "a").split()
     assert name == "a.npz" and len(digest) == 64
     np.savez(tmp_path / "a.npz", instance_mask=np.full((2, 2), 2, np.int64))
@@ -74,6 +82,7 @@ class _Boom:
 def _bad_files(folder: Path) -> dict[str, str]:
     """Files that must be refused, and the words their one-line error holds."""
     np.save(folder / "obj.npy", np.array([_Boom()], dtype=object), allow_pickle=True)
+    np.save(folder / "obj2d.npy", np.array([[_Boom()]], dtype=object), allow_pickle=True)
     np.savez(folder / "obj.npz", instance_mask=np.array([_Boom()], dtype=object))
     (folder / "pick.npy").write_bytes(pickle.dumps(_Boom()))
     np.savez(folder / "two.npz", x=np.zeros((2, 2), np.int64), y=np.zeros((2, 2), np.int64))
@@ -94,12 +103,19 @@ def _bad_files(folder: Path) -> dict[str, str]:
     raw[start:start + 64] = bytes(64)  # corrupt the deflate stream of the member
     (folder / "zlib.npz").write_bytes(bytes(raw))
     (folder / "bomb.png").write_bytes(b"")
+    huge = io.BytesIO()
+    np.save(huge, np.zeros((2, 2), np.int64))
+    header = huge.getvalue().replace(b"(2, 2)", b"(200000, 200000)")  # 2.9e11 bytes if believed
+    (folder / "huge.npy").write_bytes(header)
+    with zipfile.ZipFile(folder / "huge.npz", "w") as z:
+        z.writestr("instance_mask.npy", header)
     return {
         "obj.npy": "holds pickled objects, which are never loaded",
         "obj.npz": "holds pickled objects, which are never loaded",
         "pick.npy": "is not a .npy array file",
         "two.npz": "holds 2 arrays and no 'instance_mask'",
         "float.npy": "is a float32 array of shape (4, 4), not an (H, W) integer map",
+        "obj2d.npy": "holds pickled objects",
         "cube.npy": "of shape (2, 4, 4), not an (H, W) integer map",
         "bad.npz": "is not a .npz (zip) archive",
         "rgb.png": "is a RGB image, not one channel of labels",
@@ -107,6 +123,8 @@ def _bad_files(folder: Path) -> dict[str, str]:
         "header.npy": "has a malformed .npy header",
         "zlib.npz": "cannot be read (",
         "bomb.png": "cannot be read (",
+        "huge.npy": "declares 200000 x 200000 labels, more than any image resclip reads",
+        "huge.npz": "declares 200000 x 200000 labels",
     }
 
 

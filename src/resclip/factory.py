@@ -318,6 +318,9 @@ def with_method(
         modules[module] = settings if wanted or wanted is None else None
     if fields is None:
         own = base.config.method_fields if name == base.config.method else ()  # not another method's
+    elif unknown := sorted(set(fields) - set(method_fields(get_method(name)))):
+        raise TypeError(f"setting {name}_{unknown[0]}: method {name} has no field {unknown[0]!r} "
+                        f"(its fields: {', '.join(method_fields(get_method(name))) or 'none'})")
     else:
         own = tuple(sorted((k, check_override(f"{name}_{k}", type(get_method(name)), k, v))
                            for k, v in fields.items()))
@@ -465,6 +468,17 @@ def _resolve(method: str, preset: str, fidelity: Fidelity | None, overrides: Map
     fields = tuple(sorted(own.items()))
     return base, chosen, fields, configured_method(base.name, chosen.fidelity, chosen.name, fields,
                                                    chosen.protocol)
+
+
+def given_regions_settings(method: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """With instance maps given by the caller, a method that makes its own (a ``masks`` field:
+    CorrCLIP's SAM 2 generator) reads them instead: ``{"<method>_masks": "given"}``, unless
+    ``overrides`` already set that field; ``{}`` for the other methods."""
+    name = get_method("naclip" if str(method).lower() == METHOD_ALIAS else method).name
+    key = f"{name}_masks"
+    if "masks" not in method_fields(get_method(name)) or key in overrides:
+        return {}
+    return {key: "given"}
 
 
 def reads_regions(method: str, preset: str = "default", fidelity: Fidelity | None = None,

@@ -124,6 +124,10 @@ class Protocol:
             raise ValueError(f"area_thd must be None or in [0, 1], got {self.area_thd}")
         if self.pamr_steps < 0:
             raise ValueError(f"pamr_steps must be >= 0, got {self.pamr_steps}")
+        if self.region_vote and (self.cliper is not None or self.trident is not None):
+            pipeline = "CLIPer's" if self.cliper is not None else "Trident's"
+            raise ValueError(f"region_vote votes on a window method's mask; {pipeline} own pipeline does not "
+                             "apply it: use region_vote=False, or a window preset (e.g. preset='default')")
         if self.window_multiple < 0:
             raise ValueError(f"window_multiple must be >= 0 (0 = no padding), got {self.window_multiple}")
         if self.tlp is not None and not isinstance(self.tlp, TLPConfig):

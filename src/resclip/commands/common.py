@@ -217,16 +217,11 @@ def add_regions_argument(parser: argparse.ArgumentParser, key: str = "image stem
 def regions_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """With --regions, a method that makes its own instance maps (a ``masks`` field: CorrCLIP) reads
     the given ones instead, unless --set names that field."""
-    from ..factory import method_fields
-    from ..methods import get_method
+    from ..factory import given_regions_settings
 
     if not getattr(args, "regions", None):
         return {}
-    name = get_method("naclip" if args.method == METHOD_ALIAS else args.method).name
-    key = f"{name}_masks"
-    if "masks" not in method_fields(get_method(name)) or key in parse_overrides(args.overrides):
-        return {}
-    return {key: "given"}
+    return given_regions_settings(args.method, parse_overrides(args.overrides))
 
 
 def check_regions(args: argparse.Namespace, names: list[str] | None = None) -> None:

@@ -37,8 +37,15 @@ def shared_segmenter(args: argparse.Namespace, variants: Iterable[Variant]) -> S
     """Load the CLIP once, with the RCS / SFR settings any of ``variants`` needs (the methods' own
     ``--set <method>_<field>`` settings are applied per variant, :func:`variant_fields`)."""
     from ..factory import method_field_owner
+    from ..methods import get_method
 
     chosen = list(variants)
+    ran = {get_method(v.method).name for v in chosen}
+    for key in parse_overrides(args.overrides):
+        owner = method_field_owner(key)
+        if owner is not None and owner[0] not in ran:
+            raise UserError(f"--set {key} is a field of {owner[0]}, which --methods does not run "
+                            f"({', '.join(sorted(ran))}); add it to --methods or drop the setting")
     args = argparse.Namespace(**vars(args))
     args.method, args.rcs, args.sfr = "naclip", any(v.rcs for v in chosen), any(v.sfr for v in chosen)
     args.overrides = [item for item in args.overrides

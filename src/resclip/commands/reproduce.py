@@ -213,9 +213,19 @@ class Runner:
         if self.args.regions_root is None:
             return None, ("needs the release's pre-generated masks: give --regions-root DIR "
                           "(CorrCLIP's region_masks.zip unpacked)")
+        from ..datasets import get_dataset_spec, list_samples
+        from ..regions import missing
+
         folder = Path(self.args.regions_root).expanduser() / RELEASE_REGION_FOLDERS[ds]
         if not folder.is_dir():
             return None, f"no instance maps for {ds} at {str(folder)!r}"
+        root = self.roots[ds][0]
+        if root is not None:  # a partly unpacked folder is this row's reason, not the table's end
+            stems = [s.stem for s in list_samples(get_dataset_spec(ds), root, self.args.limit)]
+            lacking = missing(folder, stems)
+            if lacking:
+                return None, (f"{len(lacking)} of {len(stems)} {ds} images have no instance map in "
+                              f"{str(folder)!r} (first: {lacking[0]!r})")
         return folder, ""
 
     def _run(self, row: Row, backbone: str, ds: str, root: Path) -> tuple[float | None, str]:

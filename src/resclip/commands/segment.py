@@ -206,14 +206,14 @@ def expected_record(spec: ClassSpec, seg: Segmenter, opts: OutputOptions, job: J
                                            if c == index]}
                for index, name in enumerate(spec.names)]
     # through JSON, as the record was stored (tuples become lists)
-    regions = {"regions": identity(regions_dir, job.image.stem)} if regions_dir is not None else {}
     return json.loads(json.dumps({
         "settings": seg.config.to_dict(),
         "classes": classes,
         "output": opts.record(),
         "mask": job.mask.name,
         "overlay": job.overlay.name,
-        **regions,
+        # None without --regions: outputs made with given maps are not taken for a run without them
+        "regions": identity(regions_dir, job.image.stem) if regions_dir is not None else None,
     }))
 
 
@@ -342,7 +342,7 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
     from tqdm import tqdm
 
     from ..preprocess import load_image
-    from ..regions import identity, load
+    from ..regions import load_with_identity
 
     if not jobs:
         return 0
@@ -365,8 +365,8 @@ def _process(jobs: Sequence[Job], seg: Segmenter, spec: ClassSpec, emb: torch.Te
         """The image, and with --regions its instance map and the map's identity."""
         if not args.regions:
             return load_image(job.image), None, None
-        stem = job.image.stem
-        return load_image(job.image), load(args.regions, stem), identity(args.regions, stem)
+        labels, which = load_with_identity(args.regions, job.image.stem)
+        return load_image(job.image), labels, which
 
     bar = tqdm(total=len(jobs), desc="segment", unit="image",
                disable=True if args.quiet or len(jobs) < 2 else None)

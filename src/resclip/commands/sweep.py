@@ -94,7 +94,10 @@ def build_grid(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]
             raise UserError(f"--grid expects KEY=V,V,..., got {item!r}")
         key = key.strip().replace("-", "_")
         axes[key] = _values(raw, f"--grid {key}")
-        parse_overrides([f"{key}={value}" for value in axes[key]])  # the key and each value's type
+        try:  # the key and each value's type
+            parse_overrides([f"{key}={value}" for value in axes[key]])
+        except UserError as err:
+            raise UserError(str(err).replace("--set", "--grid", 1)) from None
     if not axes:
         raise UserError("nothing to sweep: give --lambda-rcs, --lambda-sfr, --rcs-layers or --grid")
     keys = list(axes)

@@ -29,7 +29,7 @@ from ..textencode import text_fingerprint
 
 __all__ = ["Entry", "ProgressStore", "default_state_dir", "plan_resume", "sample_source", "state_key"]
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: ProxyCLIP's MAE side follows the protocol's crop
 
 
 class Entry(NamedTuple):

@@ -239,7 +239,9 @@ def label_shards(seg: Segmenter, ctx: LabelContext, emb: torch.Tensor, shards: S
         """The image and, with ``ctx.regions``, its instance map (read on the same worker thread)."""
         from ..regions import load
 
-        return decode(item), (None if ctx.regions is None else load(ctx.regions, item.id))
+        if ctx.regions is None:
+            return decode(item), None
+        return decode(item), load(ctx.regions, item.id, strip_image_suffix=True)  # ids keep their suffix
 
     def encode(image_id: str, mask: np.ndarray) -> dict[str, Any]:
         import io
@@ -338,6 +340,17 @@ def _check_regions(model: ModelSpec, options: LabelOptions) -> LabelOptions:
     return replace(options, regions=str(resolve_dir(options.regions)))
 
 
+def _with_given_regions(model: ModelSpec, options: LabelOptions) -> ModelSpec:
+    """With ``options.regions``, a method that makes its own instance maps reads the given ones
+    (:func:`resclip.factory.given_regions_settings`: CorrCLIP's ``masks="given"``, no SAM 2 needed)."""
+    if options.regions is None:
+        return model
+    from ..factory import given_regions_settings
+
+    extra = given_regions_settings(model.method, dict(model.overrides))
+    return replace(model, overrides=tuple(sorted({**dict(model.overrides), **extra}.items())))
+
+
 # ------------------------------------------------------------------------------------------- driver
 
 
@@ -388,6 +401,7 @@ def run_label(source: str | os.PathLike[str] | Sequence[str], classes: Any, out:
     need("pyarrow.parquet")  # the output format: say what to install before any work
     spec = parse_classes(classes)
     shards = list_shards(source, options.source)
+    model = _with_given_regions(model, options)
     options = _check_regions(model, options)
     out_dir = Path(out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
