@@ -297,15 +297,20 @@ def test_low_precision_runs(tiny_ckpt, photo, precision):
 
 # ---------------------------------------------------------------- the pipeline behind Segmenter / eval
 # one recorded run per family through resclip.create_segmenter(preset="cliper/<family>")
-FAMILY_RUNS = [k for k in _full_keys() if k.endswith("__imgC") and "_b32" not in k and "l14" not in k]
+FAMILY_RUNS = [k for k in _full_keys() if k.endswith("__imgC") and "_b32" not in k]
 FAMILY_RUNS.append("full__cityscapes__imgA")  # the one cityscapes run (short side 560)
 
 
 @pytest.mark.parametrize("key", FAMILY_RUNS)
 def test_presets_run_the_release_pipeline(golden, cl, cl_manifest, golden_ckpt_b16, monkeypatch, key):
+    """The release's recorded runs through ``create_segmenter(preset="cliper/<family>")``; the ViT-L/14
+    VOC21 config (second-to-last layer, its thresholds, recorded on the tiny model) through
+    ``cliper_l14/voc21``."""
     cfg = cl_manifest["runs"][key]
     family = cfg["family"]
-    seg = golden_segmenter("cliper", golden_ckpt_b16, preset=f"cliper/{family}")
+    preset = f"cliper_l14/{family.removeprefix('l14_')}" if family.startswith("l14_") else f"cliper/{family}"
+    seg = golden_segmenter("cliper", golden_ckpt_b16, preset=preset)
+    assert seg.engine.method.select_layer == cfg["select_layer"]
     proto = seg.protocol.cliper
     want_proto = replace(_protocol(cfg), background=proto.background, background_words=proto.background_words,
                          templates=proto.templates, slide_stride=112)

@@ -71,6 +71,9 @@ def test_printed_means_of_the_methods() -> None:
     configs = cliper[("CLIPer w/o FGC (configs)", "B/16")]  # what the cliper/<dataset> presets run
     assert (configs.method, configs.family, configs.rcs, configs.sfr) == ("cliper", "cliper", False, False)
     assert configs.paper[:-1] == (62.1, 35.7, 37.5, 84.3, 39.6, 25.4, 35.9, 19.8)
+    large = cliper[("CLIPer w/o FGC (configs)", "L/14")]  # whole image everywhere: the printed L/14 row
+    assert (large.method, large.preset("voc21")) == ("cliper", "cliper_l14/voc21")
+    assert large.paper == cliper[("CLIPer w/o FGC", "L/14")].paper
 
 
 def test_rows_map_to_registered_methods_and_presets() -> None:
@@ -88,9 +91,9 @@ def test_rows_map_to_registered_methods_and_presets() -> None:
             assert row.family == "resclip" or row.family in families, (table.id, row.label)
             for ds in ALL_EIGHT:
                 assert row.preset(ds) in presets, (table.id, row.label, ds)
-    # SC-CLIP B/16 + L/14, SFP B/16, B/32, L/14, seven PEARL, CLIPer configs, ProxyCLIP B/16, L/14, H/14,
-    # Trident B/16, H/14, CorrCLIP's on-line and pre-generated SAM 2 rows, B/16 and L/14
-    assert runnable == 2 + 3 + 7 + 1 + 3 + 2 + 4
+    # SC-CLIP B/16 + L/14, SFP B/16, B/32, L/14, seven PEARL, CLIPer configs B/16 + L/14, ProxyCLIP B/16,
+    # L/14, H/14, Trident B/16, H/14, CorrCLIP's on-line and pre-generated SAM 2 rows, B/16 and L/14
+    assert runnable == 2 + 3 + 7 + 2 + 3 + 2 + 4
     sfp = {r.backbone: r for r in get_table("sfp").rows}
     assert sfp["B/16"].paper == (63.9, 37.2, 37.9, 84.5, 39.9, 26.4, 41.1, 20.8, 44.0)
     assert round(sum(sfp["B/16"].paper[:-1]) / 8, 1) == 44.0  # type: ignore[arg-type]

@@ -68,11 +68,11 @@ def test_paper_presets_and_fidelity_switch():
 def test_list_and_unknown():
     names = list_presets()
     assert "default" in names and "voc21" in names and "clearclip/ade20k" in names
-    assert len(names) == 13 * 8 + 1  # 13 families of the eight datasets, and default
-    assert "pearl/cityscapes" in names and "cliper/coco_stuff" in names
+    assert len(names) == 14 * 8 + 1  # 14 families of the eight datasets, and default
+    assert "pearl/cityscapes" in names and "cliper/coco_stuff" in names and "cliper_l14/ade20k" in names
     with pytest.raises(ValueError, match="unknown preset 'voc22'; valid: 'default', a dataset"):
         get_preset("voc22")
-    with pytest.raises(ValueError, match="sc_clip, sfp, pearl, cliper, proxyclip, trident, corrclip"):
+    with pytest.raises(ValueError, match="pearl, cliper, cliper_l14, proxyclip, trident, corrclip"):
         get_preset("pearl/voc22")
 
 
@@ -108,9 +108,9 @@ def test_list_presets_verbose_shows_every_setting(capsys):
     block = out[out.index("pearl/ade20k:"):out.index("pearl/cityscapes:")]
     assert "short_side=336" in block and "slide_crop=224" in block and "pearl: alpha_kk=0.3" in block
     assert "tlp: grid=80" in block and "fidelity=official" in block
-    pipelines = sum(name.startswith("cliper/") for name in list_presets())
+    pipelines = sum(name.split("/")[0] in ("cliper", "cliper_l14") for name in list_presets())
     assert out.count("\n    protocol: ") == len(list_presets()) - pipelines == 97
-    assert out.count("\n    cliper pipeline: ") == pipelines == 8
+    assert out.count("\n    cliper pipeline: ") == pipelines == 16
 
 
 def test_cliper_presets_hold_the_release_configs():

@@ -313,8 +313,8 @@ def _pearl(ds: str) -> Preset:
 
 
 class CliperRelease(NamedTuple):
-    """One dataset's settings in the CLIPer release (``scripts/config/vit-b-16/ovs_<dataset>.yaml``;
-    every config attends layers -4 / -6 and selects the last layer)."""
+    """One dataset's settings in the CLIPer release (``scripts/config/vit-{b-16,l-14}/ovs_<dataset>.yaml``;
+    every config attends layers -4 / -6)."""
 
     logit_scale: float
     attention_thr: float
@@ -324,6 +324,7 @@ class CliperRelease(NamedTuple):
     short_side: int = 336
     normalise: bool = False
     templates: str = "cliper"  # the release's car_template.txt; "openai" = the 80 ImageNet ones
+    select_layer: int = -1  # the layer whose attention maps are kept (the method's select_layer)
 
 
 # CLIPer release (linsun449/cliper.code @c05fa41), the ViT-B/16 configs
@@ -339,6 +340,20 @@ _CLIPER = {
 }
 
 
+# the same release's ViT-L/14 configs (scripts/config/vit-l-14/ovs_<dataset>.yaml): whole image only,
+# other thresholds and templates, the second-to-last layer selected on five of them
+_CLIPER_L14 = {
+    "voc21": CliperRelease(50.0, 0.1, 0.5, 0.4, normalise=True, select_layer=-2),
+    "context60": CliperRelease(50.0, 0.2, 0.3, 0.3, templates="openai", select_layer=-2),
+    "coco_object": CliperRelease(50.0, 0.1, 0.5, 0.5, templates="openai", select_layer=-2),
+    "voc20": CliperRelease(70.0, 0.2, 0.1, 0.0001),
+    "cityscapes": CliperRelease(100.0, 0.35, 0.0, 0.0001, short_side=448),
+    "context59": CliperRelease(100.0, 0.2, 0.45, 0.45, select_layer=-2),
+    "ade20k": CliperRelease(50.0, 0.2, 0.2, 0.2, templates="openai"),
+    "coco_stuff": CliperRelease(50.0, 0.2, 0.2, 0.2, templates="openai", select_layer=-2),
+}
+
+
 def _background_line(ds: str) -> tuple[str, ...]:
     """The synonyms of class 0 in ``ds``'s shipped class file."""
     path = Path(__file__).parent / "data" / "class_names" / CLASS_FILES[ds]
@@ -346,8 +361,9 @@ def _background_line(ds: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in first.split(",") if w.strip())
 
 
-def _cliper(ds: str) -> Preset:
-    r = _CLIPER[ds]
+def _cliper(ds: str, table: dict[str, CliperRelease] = _CLIPER, family: str = "cliper",
+            backbone: str = "ViT-B/16") -> Preset:
+    r = table[ds]
     background = ds in _BACKGROUND
     # VOC-20 is the release's VOC run with background ignored: VOC's background words, pixels left
     # to them are misses; the other datasets without background query the word "background"
@@ -357,8 +373,14 @@ def _cliper(ds: str) -> Preset:
                             bkg_thr=r.bkg_thr, normalise=r.normalise, background=background,
                             background_words=() if background else words, templates=r.templates)
     proto = Protocol(short_side=r.short_side, slide_crop=0, cliper=cliper)
-    return replace(_repository(ds, "cliper", proto, "CLIPer"),
-                   description=f"CLIPer repository pipeline for {ds} (its own resizing, passes, thresholds)")
+    layer = (("cliper", (("select_layer", r.select_layer),)),) if r.select_layer != -1 else ()
+    return replace(_repository(ds, family, proto, "CLIPer"), method_options=layer,
+                   description=f"CLIPer repository pipeline for {ds}, {backbone} config (resizing, passes, "
+                   "thresholds)")
+
+
+def _cliper_l14(ds: str) -> Preset:
+    return _cliper(ds, _CLIPER_L14, "cliper_l14", "ViT-L/14")
 
 
 # ProxyCLIP's class files (shared by Trident; ClearCLIP's lineage): VOC's person / tvmonitor as one
@@ -441,8 +463,8 @@ def _paper(ds: str) -> Preset:
 def _build() -> dict[str, Preset]:
     table: dict[str, Preset] = {}
     for ds in DATASETS:
-        for make in (_resclip, _naclip, _sclip, _clearclip, _sc_clip, _sfp, _pearl, _cliper, _proxyclip,
-                     _trident, _corrclip, _paper):
+        for make in (_resclip, _naclip, _sclip, _clearclip, _sc_clip, _sfp, _pearl, _cliper, _cliper_l14,
+                     _proxyclip, _trident, _corrclip, _paper):
             p = make(ds)
             table[p.name] = p
         table[f"resclip/{ds}"] = replace(table[ds], name=f"resclip/{ds}")
@@ -477,6 +499,6 @@ def get_preset(name: str) -> Preset:
         raise ValueError(
             f"unknown preset {name!r}; valid: 'default', a dataset ({', '.join(DATASETS)}), or "
             "'<family>/<dataset>' with family one of resclip, sclip, naclip, clearclip, paper, sc_clip, sfp, "
-            "pearl, cliper, proxyclip, trident, corrclip"
+            "pearl, cliper, cliper_l14, proxyclip, trident, corrclip"
         )
     return PRESETS[key]
