@@ -35,7 +35,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -58,13 +57,13 @@ from bench_predict import (  # the benchmarks folder is not a package: sys.path 
     child_env,
     current_rss_bytes,
     load_average,
-    machine_info,
     machine_slug,
     measure_call,
     measure_in_child,
     mib,
-    package_versions,
     parse_size,
+    peak_memory,
+    report_header,
     run_child,
     source_state,
     split_list,
@@ -237,13 +236,8 @@ def child_aux(spec: dict[str, Any]) -> dict[str, Any]:
         "memory": {
             "rss_start_mib": mib(rss_start),
             "rss_models_mib": mib(rss_models),
-            "peak_before_predict_mib": mib(m.peak_before),
-            "peak_rss_mib": mib(max(m.peak_before, predict_peak)),
-            "predict_peak_rss_mib": mib(predict_peak),
+            **peak_memory(m),
             "predict_peak_over_models_mib": mib(predict_peak - rss_models),
-            "peak_reset_before_predict": m.reset_ok,
-            "minor_faults": m.minor_faults,
-            "major_faults": m.major_faults,
         },
         "config": seg.config.to_dict(),
         "versions": _child_versions(),
@@ -378,12 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench_aux_") as tmp:
             checkpoints, rows = run_methods(args, Path(tmp))
     report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "benchmark": "bench_aux",
-        "date": started.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
-        "machine": machine_info(),
-        "packages": package_versions(),
+        **report_header("bench_aux", SCHEMA, started, argv),
         "source": source_state(),
         "child_env_threads": {k: v for k, v in child_env({}, args.threads).items() if k.endswith("_THREADS")},
         "settings": {k: v for k, v in vars(args).items() if k != "child"},

@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -40,16 +39,16 @@ from bench_predict import (  # the benchmarks folder is not a package: sys.path 
     cpu_pressure,
     current_rss_bytes,
     load_average,
-    machine_info,
     machine_slug,
     measure_call,
     measure_in_child,
     mib,
-    package_versions,
     parse_env_assignments,
     parse_overrides,
     parse_size,
+    peak_memory,
     relevant_env,
+    report_header,
     run_child,
     source_state,
     split_list,
@@ -149,13 +148,8 @@ def child_memory(spec: dict[str, Any]) -> dict[str, Any]:
             "image_mib": mib(image.nbytes),
             "rss_after_image_mib": mib(rss_after_image),
             "rss_before_predict_mib": mib(rss_before_predict),
-            "peak_before_predict_mib": mib(m.peak_before),
-            "peak_rss_mib": mib(max(m.peak_before, predict_peak)),
-            "predict_peak_rss_mib": mib(predict_peak),
+            **peak_memory(m),
             "predict_peak_over_before_mib": mib(predict_peak - rss_before_predict),
-            "peak_reset_before_predict": m.reset_ok,
-            "minor_faults": m.minor_faults,
-            "major_faults": m.major_faults,
         },
         "config": seg.config.to_dict(),
         "torch_num_threads": torch.get_num_threads(),
@@ -316,12 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {res.get('status')}: {res.get('error')}", file=sys.stderr)
     fit = scaling(rows)
     report: dict[str, Any] = {
-        "schema": SCHEMA,
-        "benchmark": "bench_memory",
-        "date": started.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
-        "machine": machine_info(),
-        "packages": package_versions(),
+        **report_header("bench_memory", SCHEMA, started, argv),
         "source": source_state(),
         "allocator": {
             "parent_env": relevant_env(os.environ),

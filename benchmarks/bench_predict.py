@@ -396,6 +396,31 @@ def measure_call(fn: Callable[[], Any], sync: Callable[[], None] | None = None) 
                          faults1[0] - faults0[0], faults1[1] - faults0[1], load_before)
 
 
+def peak_memory(m: Measured) -> dict[str, Any]:
+    """The peak-RSS fields (MiB) of one measured ``predict`` that every benchmark report holds."""
+    return {
+        "peak_before_predict_mib": mib(m.peak_before),
+        "peak_rss_mib": mib(max(m.peak_before, m.peak)),
+        "predict_peak_rss_mib": mib(m.peak),
+        "peak_reset_before_predict": m.reset_ok,
+        "minor_faults": m.minor_faults,
+        "major_faults": m.major_faults,
+    }
+
+
+def report_header(benchmark: str, schema: int, started: dt.datetime,
+                  argv: list[str] | None) -> dict[str, Any]:
+    """The fields every benchmark report opens with: what ran, when, on which machine and packages."""
+    return {
+        "schema": schema,
+        "benchmark": benchmark,
+        "date": started.isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
+        "machine": machine_info(),
+        "packages": package_versions(),
+    }
+
+
 # ============================================================================== child side
 
 
@@ -1369,12 +1394,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
     pressure_start = cpu_pressure()
     header: dict[str, Any] = {
-        "schema": SCHEMA,
-        "benchmark": "bench_predict",
-        "date": started.isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
-        "machine": machine_info(),
-        "packages": package_versions(),
+        **report_header("bench_predict", SCHEMA, started, argv),
         "allocator": {
             "parent_env": relevant_env(os.environ),
             "malloc_env_applied": malloc,
