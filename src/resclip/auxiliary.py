@@ -243,10 +243,8 @@ def dino_tokens(
     Returns:
         ``(B, h*w, C)`` tokens in the model's dtype, and the grid ``(h, w)``.
     """
-    proj = model.patch_embed.proj
-    x = F.conv2d(images.to(proj.weight.dtype), proj.weight, proj.bias, stride=proj.stride)
-    b, _, h, w = x.shape
-    x = x.flatten(2).transpose(1, 2)
+    x, (h, w) = _patch_tokens(model, images)
+    b = x.shape[0]
     cls = model.cls_token.to(x.dtype).expand(b, -1, -1)
     registers = getattr(model, "reg_token", None)
     if registers is None:
@@ -254,7 +252,8 @@ def dino_tokens(
         x = torch.cat([cls, x], dim=1) + pos
         first = 1
     else:
-        x = x + _register_model_positions(model.pos_embed, h, w).to(x.dtype)
+        # the hub's dinov2_vit*14_reg models resize with antialiasing to the grid's size
+        x = x + _resize_positions(model.pos_embed, (h, w), antialias=True).to(x.dtype)
         x = torch.cat([cls, registers.to(x.dtype).expand(b, -1, -1), x], dim=1)
         first = 1 + registers.shape[1]
     explicit = explicit and isinstance(model.blocks[0].ls1, torch.nn.Identity)  # DINO v1 only
@@ -263,16 +262,26 @@ def dino_tokens(
     return model.norm(x)[:, first:], (h, w)
 
 
-def _register_model_positions(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """``(1, h*w, C)`` patch positions of a DINOv2-with-registers model (``(1, side*side, C)``, no class
-    position): unchanged on its own square grid, else antialiased bicubic to ``(h, w)`` in float32, as
-    the hub's ``dinov2_vit*14_reg`` models resize them."""
-    side = math.isqrt(pos_embed.shape[1])
+def _patch_tokens(model: Any, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(B, h*w, C)`` patch embeddings of a timm ViT (its convolution, no positions yet) and the grid
+    ``(h, w)`` (trailing pixels that do not fill a patch are dropped, as the convolution does)."""
+    proj = model.patch_embed.proj
+    x = F.conv2d(images.to(proj.weight.dtype), proj.weight, proj.bias, stride=proj.stride)
+    h, w = x.shape[-2:]
+    return x.flatten(2).transpose(1, 2), (int(h), int(w))
+
+
+def _resize_positions(patch_pos: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    """``(1, side*side, C)`` patch positions (no class position) resized to ``(1, h*w, C)`` by bicubic
+    to ``size`` in float32, with or without antialiasing as the model's own code does; the same
+    tensor on its own square grid."""
+    side = math.isqrt(patch_pos.shape[1])
+    h, w = size
     if (h, w) == (side, side):
-        return pos_embed
-    planes = pos_embed.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    planes = F.interpolate(planes, size=(h, w), mode="bicubic", antialias=True)
-    return planes.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos_embed.dtype)
+        return patch_pos
+    planes = patch_pos.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    planes = F.interpolate(planes, size=(h, w), mode="bicubic", align_corners=False, antialias=antialias)
+    return planes.permute(0, 2, 3, 1).reshape(1, h * w, -1)
 
 
 def mae_tokens(model: Any, images: torch.Tensor, side: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -290,19 +299,13 @@ def mae_tokens(model: Any, images: torch.Tensor, side: int | None) -> tuple[torc
     Returns:
         ``(B, h*w, C)`` tokens in the model's dtype and the grid ``(h, w)`` (``side // p`` squared).
     """
-    proj = model.patch_embed.proj
     if side is not None and tuple(images.shape[-2:]) != (side, side):
         images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
-    x = F.conv2d(images.to(proj.weight.dtype), proj.weight, proj.bias, stride=proj.stride)
-    b, _, h, w = x.shape
-    x = x.flatten(2).transpose(1, 2)
-    pos = model.pos_embed
-    grid = math.isqrt(pos.shape[1] - 1)
-    if (grid, grid) != (h, w):
-        planes = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-        planes = F.interpolate(planes, size=(h, w), mode="bicubic", align_corners=False)
-        pos = torch.cat([pos[:, :1].float(), planes.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
-    x = torch.cat([model.cls_token.to(x.dtype).expand(b, -1, -1), x], dim=1) + pos.to(x.dtype)
+    x, (h, w) = _patch_tokens(model, images)
+    pos = model.pos_embed  # MAE's interpolate_pos_embed: plain bicubic to the size, class position kept
+    patch_pos = _resize_positions(pos[:, 1:], (h, w), antialias=False)
+    pos = torch.cat([pos[:, :1].to(x.dtype), patch_pos.to(x.dtype)], dim=1)
+    x = torch.cat([model.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1) + pos
     for block in model.blocks:
         x = block(x)
     return model.norm(x[:, 1:]), (h, w)
