@@ -219,7 +219,7 @@ def load_pair(sample: Sample, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray
 @dataclass
 class LoadedSample:
     """What a loader worker hands to the model: ``(H, W, 3)`` uint8 RGB image and ``(H, W)`` uint8 label,
-    the image's ``(H, W)`` int64 instance map when regions are read from a folder, or the error that
+    the image's ``(H, W)`` integer instance map when regions are read from a folder, or the error that
     prevented reading them."""
 
     sample: Sample
